@@ -1,0 +1,24 @@
+"""Textbook attention: materialize the (T, T) score matrix, softmax it, multiply by V.
+
+This is the baseline every other implementation is compared against; its memory grows as T^2.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels._checks import check_qkv, resolve_scale
+
+
+def naive_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v on (B, H, T, D) tensors, computed in the input dtype."""
+    check_qkv(q, k, v, causal, "naive_attention")
+    scale = resolve_scale(scale, q.shape[-1])
+    att = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
+    if causal:
+        t = q.shape[-2]
+        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        att = att.masked_fill(~mask, float("-inf"))
+    att = torch.softmax(att, dim=-1)
+    return att @ v  # (B, H, Tq, D)

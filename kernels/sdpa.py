@@ -1,0 +1,15 @@
+"""PyTorch's fused scaled_dot_product_attention: the reference implementation."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels._checks import check_qkv
+
+
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
+) -> torch.Tensor:
+    """torch.nn.functional.scaled_dot_product_attention with our interface."""
+    check_qkv(q, k, v, causal, "sdpa_attention")
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)

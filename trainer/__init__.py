@@ -1,0 +1,1 @@
+"""Training loop, data, optimizers, checkpoints and logging for the GPT ablation framework."""
