@@ -1,0 +1,42 @@
+"""Compare the runs under a directory: a table sorted by best val loss, optionally with plots.
+
+    python scripts/compare.py runs/multirun/2025-01-01_12-00-00            # markdown table
+    python scripts/compare.py runs/ --csv > results.csv
+    python scripts/compare.py runs/multirun/<sweep> --plot-dir plots/    # + PNG plots
+
+Runs that differ only by `seed` are grouped (mean ± std); unfinished runs are listed as incomplete.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from trainer.compare import CompareError, compare, to_csv, to_json, to_markdown, write_plots
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="compare.py", description=__doc__.split("\n")[0])
+    parser.add_argument("runs_dir", metavar="RUNS_DIR", help="directory searched recursively for runs")
+    fmt = parser.add_mutually_exclusive_group()
+    fmt.add_argument("--csv", action="store_true", help="print CSV instead of markdown")
+    fmt.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    parser.add_argument("--plot-dir", metavar="DIR", help="also write PNG plots into DIR (needs matplotlib)")
+    args = parser.parse_args(argv)
+
+    try:
+        groups, rows, keys = compare(args.runs_dir)
+        if args.plot_dir:
+            files = write_plots(groups, args.plot_dir)
+    except CompareError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+
+    render = to_csv if args.csv else to_json if args.json else to_markdown
+    print(render(rows, keys).rstrip("\n"))
+    if args.plot_dir:
+        print(f"wrote {len(files)} plots to {args.plot_dir}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

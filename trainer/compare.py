@@ -1,0 +1,474 @@
+"""Compare training runs: discover run directories, read their logs, group seeds, tabulate and plot.
+
+A run directory (see ``scripts/train.py``) holds ``config.yaml`` (the resolved config),
+``summary.json`` (status and end-of-run numbers) and TensorBoard event files. Runs whose configs
+differ only by ``seed`` are replicates: they are grouped into one row with mean ± sample std (ddof=1).
+Only completed runs are grouped; an incomplete, failed or diverged run always keeps its own row so
+that a crash can never hide inside a mean. Matplotlib is imported only by :func:`write_plots`.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing import event_accumulator
+
+MISSING = "-"
+MATPLOTLIB_HINT = "matplotlib is not installed: pip install -e '.[plot]'"
+_EVENTS = "tfevents"
+_RUN_MARKERS = ("config.yaml", "summary.json")
+# Keys that vary between runs for reasons other than the experiment: where things live on disk,
+# whether a run was resumed, and Hydra's own settings. `seed` is the replicate axis, not a column.
+_IGNORED_LEAF = re.compile(r"(^|_)(path|dir|file|root)$|^resume$")
+_SEED_IN_NAME = re.compile(r"(?<![^,_/])seed=[^,/]*")
+
+
+class CompareError(Exception):
+    """A user-facing problem with the input (no runs, missing directory, missing matplotlib)."""
+
+
+@dataclass
+class Curve:
+    steps: list[int] = field(default_factory=list)
+    wall: list[float] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """One run directory, read once: flattened config, summary and the scalars this report uses."""
+
+    path: Path
+    rel: str
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    scalars: dict[str, Curve]
+    start_time: float | None
+
+    @property
+    def seed(self) -> Any:
+        return self.config.get("seed")
+
+    @property
+    def status(self) -> str:
+        # A summary still saying "running" (or none at all) means the process never finished it:
+        # killed hard, or still going. Either way the numbers are not final.
+        status = self.summary.get("status")
+        return "incomplete" if status in (None, "running") else str(status)
+
+    @property
+    def finished(self) -> bool:
+        return self.status != "incomplete"
+
+    @property
+    def step(self) -> int | None:
+        seen = [c.steps[-1] for c in self.scalars.values() if c.steps]
+        if isinstance(self.summary.get("step"), int):
+            seen.append(self.summary["step"])
+        return max(seen) if seen else None
+
+    @property
+    def max_iters(self) -> Any:
+        return self.summary.get("max_iters", self.config.get("max_iters"))
+
+    @property
+    def status_label(self) -> str:
+        if self.status == "completed":
+            return "completed"
+        step = MISSING if self.step is None else self.step
+        total = MISSING if self.max_iters is None else self.max_iters
+        return f"{self.status} (step {step}/{total})"
+
+    @property
+    def val(self) -> Curve:
+        return self.scalars.get("val/loss", Curve())
+
+    def _final(self, key: str) -> Any:
+        # Numbers in a "running" summary are placeholders from the start of the run.
+        return self.summary.get(key) if self.finished else None
+
+    @property
+    def final_val_loss(self) -> float | None:
+        return self.val.values[-1] if self.val.values else self._final("final_val_loss")
+
+    @property
+    def best_val_loss(self) -> float | None:
+        finite = [v for v in self.val.values if math.isfinite(v)]
+        if finite:
+            return min(finite)
+        return self.val.values[-1] if self.val.values else self._final("best_val_loss")
+
+    @property
+    def tokens_per_sec(self) -> float | None:
+        value = self._final("tokens_per_sec")
+        curve = self.scalars.get("tokens_per_sec")
+        return value if value is not None else _mean(curve.values if curve else [])
+
+    @property
+    def peak_mem_mb(self) -> float | None:
+        value = self._final("peak_mem_bytes")
+        curve = self.scalars.get("memory/peak_bytes")
+        if value is None and curve and curve.values:
+            value = max(curve.values)
+        return None if value is None else value / 2**20
+
+    @property
+    def wall_time_s(self) -> float | None:
+        value = self._final("wall_time_s")
+        if value is None and self.start_time is not None:
+            last = [c.wall[-1] for c in self.scalars.values() if c.wall]
+            value = max(last) - self.start_time if last else None
+        return value
+
+
+# --------------------------------------------------------------------------------------- reading
+
+
+def discover_runs(root: Path) -> list[Path]:
+    """Every directory under ``root`` (itself included) holding event files, config.yaml or summary.json."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # skips .hydra/
+        has_marker = any(name in filenames for name in _RUN_MARKERS)
+        has_events = any(_EVENTS in name for name in filenames)
+        here = Path(dirpath)
+        # SummaryWriter.add_scalars writes events into sub-directories of the run: not runs.
+        if has_events and not has_marker and found and found[-1] in here.parents:
+            continue
+        if has_marker or has_events:
+            found.append(here)
+    return found
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 1e-3}}`` -> ``{"optim.lr": 1e-3}``; lists become tuples so values hash."""
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    if isinstance(tree, list):
+        return {prefix[:-1]: tuple(_hashable(v) for v in tree)}
+    return {prefix[:-1]: tree}
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    return json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    file = path / "config.yaml"
+    if not file.is_file():
+        return {}
+    # resolve=False: the trainer writes a resolved config; Hydra-only resolvers would fail here.
+    tree = OmegaConf.to_container(OmegaConf.load(file), resolve=False)
+    return flatten(tree) if isinstance(tree, dict) else {}
+
+
+def _read_summary(path: Path) -> dict[str, Any]:
+    file = path / "summary.json"
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):  # missing, or cut off mid-write by a crash
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_scalars(path: Path) -> tuple[dict[str, Curve], float | None]:
+    guidance = {event_accumulator.SCALARS: 0, event_accumulator.TENSORS: 0}  # 0 = keep every event
+    acc = event_accumulator.EventAccumulator(str(path), size_guidance=guidance)
+    acc.Reload()
+    tags = acc.Tags()
+    curves: dict[str, Curve] = {}
+    for tag in tags.get("scalars", []):
+        curves[tag] = _curve((e.step, e.wall_time, e.value) for e in acc.Scalars(tag))
+    for tag in tags.get("tensors", []):  # add_scalar(..., new_style=True) logs tensors
+        if tag not in curves:
+            events = [(e.step, e.wall_time, _tensor_scalar(e.tensor_proto)) for e in acc.Tensors(tag)]
+            if all(v is not None for _, _, v in events):
+                curves[tag] = _curve(events)
+    try:
+        start: float | None = acc.FirstEventTimestamp()
+    except ValueError:  # no events at all
+        start = None
+    walls = [c.wall[0] for c in curves.values() if c.wall]
+    if walls:
+        start = min(walls + ([start] if start is not None else []))
+    return curves, start
+
+
+def _tensor_scalar(proto: Any) -> float | None:
+    from tensorboard.util import tensor_util
+
+    array = tensor_util.make_ndarray(proto)
+    return float(array) if array.size == 1 and np.issubdtype(array.dtype, np.number) else None
+
+
+def _curve(events: Iterable[tuple[int, float, float]]) -> Curve:
+    curve = Curve()
+    for step, wall, value in sorted(events, key=lambda e: (e[0], e[1])):
+        curve.steps.append(int(step))
+        curve.wall.append(float(wall))
+        curve.values.append(float(value))
+    return curve
+
+
+def load_runs(root: str | os.PathLike) -> list[Run]:
+    """Read every run under ``root``; raises :class:`CompareError` if there is none."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CompareError(f"runs directory '{root}' does not exist or is not a directory")
+    runs = []
+    for path in discover_runs(root):
+        curves, start = _read_scalars(path)
+        rel = path.relative_to(root).as_posix()
+        runs.append(Run(path, path.name if rel == "." else rel, _read_config(path),
+                        _read_summary(path), curves, start))
+    if not runs:
+        raise CompareError(
+            f"no runs found under '{root}' (a run directory holds config.yaml, summary.json "
+            "or events.out.tfevents.* files)")
+    return runs
+
+
+# ------------------------------------------------------------------------------------ comparing
+
+
+def _ignored(key: str) -> bool:
+    return key == "seed" or key.startswith("hydra.") or bool(_IGNORED_LEAF.search(key.split(".")[-1]))
+
+
+def differing_keys(runs: Sequence[Run]) -> list[str]:
+    """Config keys whose value is not the same in every run that has a config (absent counts)."""
+    configs = [r.config for r in runs if r.config]
+    keys: dict[str, None] = {}  # ordered set: first-seen order keeps groups (attn.*, optim.*) together
+    for config in configs:
+        keys.update((k, None) for k in config if not _ignored(k))
+    return [k for k in keys if len({_hashable(c.get(k, MISSING)) for c in configs}) > 1]
+
+
+@dataclass
+class Group:
+    """Runs that differ only by seed (or a single run)."""
+
+    runs: list[Run]
+    values: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        names = [r.rel for r in self.runs]
+        if len(names) > 1:
+            names = list(dict.fromkeys(_SEED_IN_NAME.sub("seed=*", n) for n in names))
+        return "; ".join(names)
+
+
+def group_runs(runs: Sequence[Run], keys: Sequence[str]) -> list[Group]:
+    groups: dict[Any, Group] = {}
+    for i, run in enumerate(runs):
+        values = {k: run.config.get(k, MISSING) for k in keys}
+        ident: Any = tuple(_hashable(v) for v in values.values())
+        if run.status != "completed" or not run.config:
+            ident = ("single", i)  # never average an unfinished or unidentifiable run
+        groups.setdefault(ident, Group([], values)).runs.append(run)
+    return list(groups.values())
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def _std(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.std(present, ddof=1)) if len(present) > 1 else None
+
+
+def summarize(groups: Sequence[Group], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per group, sorted by best val loss (mean over seeds); runs without one come last."""
+    rows = []
+    for group in groups:
+        runs = group.runs
+        steps = sorted({r.step for r in runs if r.step is not None})
+        row: dict[str, Any] = {
+            "run": group.label,
+            "runs": [r.rel for r in runs],
+            "config": {k: _display(group.values[k]) for k in keys},
+            "n": len(runs),
+            "seeds": [r.seed for r in runs if r.seed is not None],
+        }
+        for metric in ("final_val_loss", "best_val_loss"):
+            values = [getattr(r, metric) for r in runs]
+            row[metric], row[f"{metric}_std"] = _mean(values), _std(values)
+        row["steps"] = steps[0] if len(steps) == 1 else (f"{steps[0]}-{steps[-1]}" if steps else None)
+        for metric in ("tokens_per_sec", "peak_mem_mb", "wall_time_s"):
+            row[metric] = _mean([getattr(r, metric) for r in runs])
+        row["status"] = runs[0].status_label if len(runs) == 1 else "completed"
+        rows.append(row)
+
+    def order(row: dict[str, Any]) -> tuple[bool, float, str]:
+        best = row["best_val_loss"]
+        known = best is not None and math.isfinite(best)
+        return (not known, best if known else 0.0, row["run"])
+
+    return sorted(rows, key=order)
+
+
+def _display(value: Any) -> Any:
+    if isinstance(value, str) and "." in value and re.fullmatch(r"[\w.]+", value):
+        return value.rsplit(".", 1)[-1]  # `_target_` paths: keep the class or function name
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def column_name(key: str) -> str:
+    return key[: -len("._target_")] if key.endswith("._target_") else key
+
+
+# ------------------------------------------------------------------------------------- formatting
+
+
+def _fmt(value: Any, digits: int) -> str:
+    if value is None:
+        return MISSING
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _pm(mean: float | None, std: float | None) -> str:
+    return _fmt(mean, 4) if std is None else f"{_fmt(mean, 4)} ± {_fmt(std, 4)}"
+
+
+def to_markdown(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
+    header = ["run", *map(column_name, keys), "seeds", "final val loss", "best val loss", "steps",
+              "tokens/s", "peak mem (MB)", "wall time (s)", "status"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["run"], *(f"{v:g}" if isinstance(v := row["config"][k], float) else v for k in keys),
+                 ",".join(map(str, row["seeds"])) or MISSING,
+                 _pm(row["final_val_loss"], row["final_val_loss_std"]),
+                 _pm(row["best_val_loss"], row["best_val_loss_std"]), _fmt(row["steps"], 0),
+                 _fmt(row["tokens_per_sec"], 0), _fmt(row["peak_mem_mb"], 1),
+                 _fmt(row["wall_time_s"], 1), row["status"]]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+_CSV_METRICS = ["n", "seeds", "final_val_loss", "final_val_loss_std", "best_val_loss",
+                "best_val_loss_std", "steps", "tokens_per_sec", "peak_mem_mb", "wall_time_s", "status"]
+
+
+def to_csv(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["run", *map(column_name, keys), *_CSV_METRICS])
+    for row in rows:
+        metrics = [" ".join(map(str, row[m])) if m == "seeds" else row[m] for m in _CSV_METRICS]
+        writer.writerow([row["run"], *(row["config"][k] for k in keys),
+                         *("" if v is None else v for v in metrics)])
+    return out.getvalue()
+
+
+def to_json(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
+    def plain(value: Any) -> Any:  # JSON has no NaN/inf: a diverged loss becomes its string
+        return str(value) if isinstance(value, float) and not math.isfinite(value) else value
+
+    clean = [{k: plain(v) for k, v in row.items()} for row in rows]
+    return json.dumps({"keys": [column_name(k) for k in keys], "rows": clean}, indent=2, default=str)
+
+
+# --------------------------------------------------------------------------------------- plotting
+
+
+def _aligned(group: Group) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Val loss at the eval steps every run of the group logged: (steps, elapsed s, loss) per run."""
+    common = set.intersection(*(set(r.val.steps) for r in group.runs))
+    steps = np.array(sorted(common), dtype=float)
+    times, losses = [], []
+    for run in group.runs:
+        at = {s: (w, v) for s, w, v in zip(run.val.steps, run.val.wall, run.val.values)}
+        start = run.start_time or 0.0
+        times.append([at[s][0] - start for s in sorted(common)])
+        losses.append([at[s][1] for s in sorted(common)])
+    return steps, np.array(times).reshape(len(group.runs), -1), np.array(losses).reshape(len(group.runs), -1)
+
+
+def _loss_plot(plt: Any, groups: Sequence[Group], by_time: bool, file: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for group in groups:
+        steps, times, losses = _aligned(group)
+        if steps.size == 0:
+            continue
+        x = times.mean(axis=0) if by_time else steps
+        label = group.label + (f" (n={len(group.runs)})" if len(group.runs) > 1 else "")
+        (line,) = ax.plot(x, losses.mean(axis=0), marker=".", label=label)
+        if len(group.runs) > 1:  # min–max over seeds
+            ax.fill_between(x, losses.min(axis=0), losses.max(axis=0), color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("wall-clock time since run start (s)" if by_time else "step")
+    ax.set_ylabel("val loss")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no val/loss logged yet", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(file, dpi=100)
+    plt.close(fig)
+
+
+def _resource_plot(plt: Any, groups: Sequence[Group], file: Path) -> None:
+    labels = [g.label for g in groups]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 1.5 + 0.5 * len(groups)), sharey=True)
+    for ax, metric, title in ((axes[0], "tokens_per_sec", "tokens/s"),
+                              (axes[1], "peak_mem_mb", "peak memory (MB)")):
+        values = [[getattr(r, metric) for r in g.runs] for g in groups]
+        means = [_mean(v) for v in values]
+        errs = [_std(v) or 0.0 for v in values]
+        ax.barh(labels, [m or 0.0 for m in means], xerr=errs, color="tab:blue", alpha=0.8)
+        for y, m in enumerate(means):
+            ax.text(m or 0.0, y, f" {_fmt(m, 0 if metric == 'tokens_per_sec' else 1)}", va="center",
+                    fontsize="small")
+        ax.set_title(title)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(file, dpi=100)
+    plt.close(fig)
+
+
+def write_plots(groups: Sequence[Group], out_dir: str | os.PathLike) -> list[Path]:
+    """Val loss vs step, val loss vs wall-clock time, and tokens/s + peak memory bars, as PNGs."""
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise CompareError(MATPLOTLIB_HINT) from err
+    matplotlib.use("Agg")  # files only: works without a display
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "val_loss_vs_step.png", out / "val_loss_vs_time.png", out / "throughput_memory.png"]
+    _loss_plot(plt, groups, by_time=False, file=files[0])
+    _loss_plot(plt, groups, by_time=True, file=files[1])
+    _resource_plot(plt, groups, files[2])
+    return files
+
+
+def compare(root: str | os.PathLike) -> tuple[list[Group], list[dict[str, Any]], list[str]]:
+    """Load, group and summarize every run under ``root``: (groups, sorted rows, differing keys)."""
+    runs = load_runs(root)
+    keys = differing_keys(runs)
+    groups = group_runs(runs, keys)
+    return groups, summarize(groups, keys), keys
