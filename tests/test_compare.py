@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
 
 from trainer import compare as cmp
 
@@ -51,7 +53,7 @@ def make_config(attn="naive", optim="adamw", seed=0, **top):
 
 
 def make_run(root: Path, name: str, config: dict | None, scalars: dict[str, list[tuple[int, float]]],
-             summary: dict | None = None, seconds_per_step: float = 0.5) -> Path:
+             summary: dict | None = None, seconds_per_step: float = 0.5, new_style: bool = False) -> Path:
     """A run dir as the trainer writes it; scalars are {tag: [(step, value)]} at fabricated times."""
     run = root / name
     run.mkdir(parents=True)
@@ -60,9 +62,13 @@ def make_run(root: Path, name: str, config: dict | None, scalars: dict[str, list
     if config is not None:
         (run / "config.yaml").write_text(yaml.safe_dump(config))
     writer = SummaryWriter(log_dir=str(run))
+    # the trainer also logs text samples and hparams; these are tensors that are not scalars
+    writer.add_text("sample", "    To be", 0)
+    for s in hparams({"lr": 1e-3, "attn": "naive"}, {"val/loss": float("nan")}):
+        writer.file_writer.add_summary(s)
     for tag, points in scalars.items():
         for step, value in points:
-            writer.add_scalar(tag, value, step, walltime=T0 + seconds_per_step * step)
+            writer.add_scalar(tag, value, step, walltime=T0 + seconds_per_step * step, new_style=new_style)
     writer.close()
     if summary is not None:
         (run / "summary.json").write_text(json.dumps(summary))
@@ -190,13 +196,15 @@ def test_different_tags_and_missing_val_loss(tmp_path, capsys):
     fp16 = make_config(precision={"name": "fp16"})
     make_run(root, "fp16", fp16, {"val/loss": val_curve([2.0]), "loss_scale": [(0, 65536.0)],
                                   "skipped_steps": [(0, 1.0)]}, done())
-    make_run(root, "fp32", make_config(), {"val/loss": val_curve([2.5])}, done())
+    # new_style=True logs scalars as tensors; they must be read the same
+    make_run(root, "fp32", make_config(), {"val/loss": val_curve([2.7, 2.5])}, done(), new_style=True)
     make_run(root, "bf16", make_config(precision={"name": "bf16"}),
              {"train/loss": [(0, 3.0)], "memory/peak_bytes": [(0, 2.0**21), (5, 2.0**22)]},
              {"status": "running", "step": 0, "max_iters": 100})
     _, rows, keys = cmp.compare(root)
     assert keys == ["precision.name"]
     assert [r["run"] for r in rows] == ["fp16", "fp32", "bf16"]  # no val loss sorts last
+    assert rows[1]["best_val_loss"] == pytest.approx(2.5) and rows[1]["final_val_loss"] == pytest.approx(2.5)
     assert rows[2]["peak_mem_mb"] == pytest.approx(4.0)  # from memory/peak_bytes events
     assert load_script().main([str(root)]) == 0
     bf16_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| bf16"))
@@ -261,3 +269,37 @@ def test_missing_matplotlib_is_one_clear_line(grid, tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert err.strip().endswith("matplotlib is not installed: pip install -e '.[plot]'")
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_real_two_by_two_sweep(tmp_path, capsys):
+    text = tmp_path / "corpus.txt"
+    text.write_text("To be, or not to be, that is the question:\n" * 200)
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "-m", "attn=naive,sdpa", "optim=adamw,sgd",
+           "max_iters=4", "eval_interval=2", "eval_iters=1", "log_interval=1", "batch_size=2",
+           "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "block_size=16", "data=text",
+           f"data.path={text}", f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "GPTLAB_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    plots = tmp_path / "plots"
+    assert load_script().main([str(sweep), "--json", "--plot-dir", str(plots)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    rows = data["rows"]
+    assert sorted(r["run"] for r in rows) == ["attn=naive,optim=adamw", "attn=naive,optim=sgd",
+                                              "attn=sdpa,optim=adamw", "attn=sdpa,optim=sgd"]
+    assert {"attn", "optim"} <= set(data["keys"])
+    for row in rows:
+        assert row["status"] == "completed" and row["n"] == 1
+        assert row["best_val_loss"] is not None and np.isfinite(row["best_val_loss"])
+        assert row["best_val_loss"] <= row["final_val_loss"]
+        assert row["steps"] is not None and row["tokens_per_sec"] > 0 and row["wall_time_s"] > 0
+    assert [r["best_val_loss"] for r in rows] == sorted(r["best_val_loss"] for r in rows)
+    for name in ("val_loss_vs_step.png", "val_loss_vs_time.png", "throughput_memory.png"):
+        assert (plots / name).read_bytes()[:8] == PNG_MAGIC
+
+    assert load_script().main([str(sweep)]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert len(table) == 2 + 4

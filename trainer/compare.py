@@ -211,7 +211,10 @@ def _read_scalars(path: Path) -> tuple[dict[str, Curve], float | None]:
 def _tensor_scalar(proto: Any) -> float | None:
     from tensorboard.util import tensor_util
 
-    array = tensor_util.make_ndarray(proto)
+    try:
+        array = tensor_util.make_ndarray(proto)
+    except Exception:  # text, hparams and other plugins' payloads are no concern here
+        return None
     return float(array) if array.size == 1 and np.issubdtype(array.dtype, np.number) else None
 
 
