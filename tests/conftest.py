@@ -21,3 +21,51 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers for tests that build configs and runs.
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+# A small corpus in the tiny-shakespeare format, repeated so a tiny model can learn it quickly.
+TINY_TEXT = (
+    "FIRST CITIZEN:\nBefore we proceed any further, hear me speak.\n\n"
+    "ALL:\nSpeak, speak.\n\n"
+    "FIRST CITIZEN:\nYou are all resolved rather to die than to famish?\n\n"
+    "ALL:\nResolved. resolved.\n\n"
+) * 40
+
+# Overrides that make any run tiny: a 1-layer, 32-wide model on the tiny corpus.
+TINY_OVERRIDES = [
+    "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+    "batch_size=4", "eval_iters=2", "log_interval=1", "warmup_iters=2", "sample_tokens=8",
+]
+
+
+def compose_cfg(overrides=()):
+    """The training config as scripts/train.py would see it (no `hydra` node)."""
+    from hydra import compose, initialize_config_dir
+
+    from trainer.config import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TINY_TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_overrides(tiny_corpus, tmp_path):
+    """Overrides for a tiny CPU run on the tiny corpus, with its cache inside tmp_path."""
+    return TINY_OVERRIDES + [
+        "data=text", f"data.path={tiny_corpus}", f"data.cache_dir={tmp_path / 'cache'}", "device=cpu",
+    ]

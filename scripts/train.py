@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Train a GPT: ``python scripts/train.py [group=option ...] [key=value ...]``.
+
+Examples::
+
+    python scripts/train.py                                  # nano model on Shakespeare, CPU-sized
+    python scripts/train.py attn=online optim=lion precision=bf16
+    python scripts/train.py -m attn=naive,online,sdpa        # a sweep, one run directory each
+    python scripts/train.py resume=true hydra.run.dir=runs/<run>
+    torchrun --nproc_per_node=2 scripts/train.py             # data-parallel
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from trainer.config import register_resolvers
+
+register_resolvers()
+
+# Errors that are the user's to fix: reported in one line, without a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, OmegaConfBaseException, RuntimeError)
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from trainer.distributed import shutdown_distributed
+    from trainer.loop import Trainer, TrainingError
+
+    hc = HydraConfig.get()
+    run_dir, overrides = hc.runtime.output_dir, list(hc.overrides.task)
+    multirun = hc.mode == RunMode.MULTIRUN
+    trainer = None
+    try:
+        trainer = Trainer(cfg, run_dir, overrides)
+        summary = trainer.fit()
+        if summary.get("status") == "interrupted":
+            raise SystemExit(130)
+        print(f"done: val loss {summary.get('final_val_loss')}, outputs in {run_dir}", flush=True)
+        if trainer.dist.is_main and int(cfg.sample_tokens) > 0:
+            print("sample:\n" + trainer.sample(), flush=True)
+        return summary.get("best_val_loss")
+    except USER_ERRORS as e:
+        if trainer is not None:
+            trainer.fail(e, "diverged" if isinstance(e, TrainingError) else "failed")
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if not multirun:  # a sweep goes on with its other runs; this one is marked failed
+            raise SystemExit(1)
+        return None
+    finally:
+        shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()

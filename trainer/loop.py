@@ -1,0 +1,384 @@
+"""The training loop: one object that owns a run from set-up to the last checkpoint.
+
+Everything arrives through a resolved config (Hydra composes it in ``scripts/train.py``); the
+attention implementation, optimizer, data and precision are built from their ``_target_`` entries
+here, so this file never branches on which implementation was chosen.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from models import GPT, GPTConfig
+from trainer import checkpoint as ckpt
+from trainer.data import TokenData, check_block_size, get_batch, sample_offsets
+from trainer.distributed import DistInfo, all_reduce_mean, init_distributed
+from trainer.precision import Precision
+from trainer.runlog import NullLogger, RunLogger, Timer, peak_memory_bytes
+from trainer.schedule import lr_at
+
+
+class TrainingError(RuntimeError):
+    """A run that had to stop (diverged, bad resume); the message says why and what is kept."""
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay the weights of matmuls only; biases, norms and embeddings are not decayed.
+
+    The token embedding is tied to the LM head: it is treated as an embedding (no decay), since
+    decay would pull the rows of rare tokens towards zero between their rare updates.
+    """
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)} - embedding_ids
+    decay, no_decay = [], []
+    for p in model.parameters():  # each shared tensor once
+        if p.requires_grad:
+            (decay if id(p) in decay_ids else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def step_seed(seed: int, it: int, stream: int) -> int:
+    """A seed for (run seed, iteration, stream): batches and dropout depend on nothing else, so a
+    resumed run and every run of a sweep with the same seed see exactly the same data order."""
+    return (seed * 1_000_003 + it * 9_176 + stream) % (2**63 - 1)
+
+
+class Trainer:
+    """Builds model, data, optimizer and logger from ``cfg`` and runs ``cfg.max_iters`` steps."""
+
+    def __init__(self, cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.overrides = list(overrides or [])
+        self.dist, self.device = init_distributed(cfg.device)
+        self.precision: Precision = instantiate(cfg.precision)
+        self._check_batch_config()
+        self.data = self._load_data()
+        self.model_config, self.raw_model = self._build_model()
+        self.model, self.fwd_model = self._wrap_model()
+        optim_cfg = cfg.optim
+        factory = instantiate(optim_cfg)
+        self.optimizer = factory(param_groups(self.raw_model, float(optim_cfg.get("weight_decay", 0.0) or 0.0)))
+        self.scaler = self.precision.make_scaler(self.device)
+        self.step, self.best_val_loss, self.skipped_steps = 0, math.inf, 0
+        resume_from = self._resume_path()
+        if resume_from is not None:
+            self._load(resume_from)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
+        self.log = (RunLogger(self.run_dir, cfg.max_iters, self.overrides, purge_step=self.step or None)
+                    if self.dist.is_main else NullLogger())
+        self._stop_requested = False
+
+    # ------------------------------------------------------------------------------------------
+    # set-up
+
+    def _check_batch_config(self) -> None:
+        cfg = self.cfg
+        for key in ("max_iters", "batch_size", "block_size", "gradient_accumulation_steps", "eval_iters"):
+            if int(cfg[key]) < (0 if key == "max_iters" else 1):
+                raise ValueError(f"{key}={cfg[key]} must be a positive integer")
+        if cfg.block_size > cfg.model.block_size:
+            raise ValueError(
+                f"block_size={cfg.block_size} exceeds the model's context model.block_size={cfg.model.block_size}; "
+                f"set model.block_size={cfg.block_size} or a smaller block_size"
+            )
+        accum = int(cfg.gradient_accumulation_steps)
+        if accum % self.dist.world_size:
+            raise ValueError(
+                f"gradient_accumulation_steps={accum} is not divisible by the world size {self.dist.world_size}; "
+                "the global batch must split evenly over ranks (use a multiple of the number of processes)"
+            )
+        self.accum = accum // self.dist.world_size  # micro-steps per rank
+        self.tokens_per_step = accum * int(cfg.batch_size) * int(cfg.block_size)
+
+    def _load_data(self) -> TokenData:
+        # rank 0 prepares (and caches) the corpus first; the others then read the cache
+        if self.dist.enabled and not self.dist.is_main:
+            dist.barrier()
+        data = instantiate(self.cfg.data)
+        if self.dist.enabled and self.dist.is_main:
+            dist.barrier()
+        check_block_size(data, int(self.cfg.block_size))
+        return data
+
+    def _build_model(self) -> tuple[GPTConfig, GPT]:
+        vocab = self.cfg.model.get("vocab_size") or self.data.vocab_size
+        if vocab < self.data.vocab_size:
+            raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's {self.data.vocab_size} tokens")
+        model_config: GPTConfig = instantiate(self.cfg.model, vocab_size=int(vocab))
+        torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank and every run
+        attn_fn = instantiate(self.cfg.attn)
+        return model_config, GPT(model_config, attn_fn).to(self.device)
+
+    def _wrap_model(self):
+        fwd = torch.compile(self.raw_model) if self.cfg.compile else self.raw_model
+        if not self.dist.enabled:
+            return fwd, fwd
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(fwd, device_ids=ids), fwd
+
+    def _resume_path(self) -> Path | None:
+        resume = self.cfg.get("resume", False)
+        if resume in (False, None, "false", ""):
+            return None
+        if resume is True or resume == "true":
+            path = self.run_dir / ckpt.LAST
+            if not path.exists():
+                raise ckpt.CheckpointError(
+                    f"resume=true but {self.run_dir} has no {ckpt.LAST}; give the run's directory with "
+                    "hydra.run.dir=<run dir>, or resume=<checkpoint or run dir>"
+                )
+            return path
+        return ckpt.resolve_checkpoint_path(resume)
+
+    def _load(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path, map_location=self.device)
+        ckpt.check_compatible(state.get("model_args", {}), asdict(self.model_config), str(path))
+        if state.get("tokenizer") != self.data.tokenizer.to_dict():
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} was trained with a different tokenizer/vocabulary than data={self.cfg.data._target_}; "
+                "resume with the same data config"
+            )
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.best_val_loss = float(state.get("best_val_loss", math.inf))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+
+    # ------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "best_val_loss": self.best_val_loss,
+            "skipped_steps": self.skipped_steps,
+            "rng": {"seed": int(self.cfg.seed), "torch": torch.get_rng_state()},
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "model_args": asdict(self.model_config),
+            "tokenizer": self.data.tokenizer.to_dict(),
+        }
+
+    def save(self, best: bool = False) -> None:
+        if not self.dist.is_main:
+            return
+        state = self.state_dict()
+        ckpt.save_checkpoint(state, self.run_dir / ckpt.LAST)
+        if best:
+            ckpt.save_checkpoint(state, self.run_dir / ckpt.BEST)
+
+    # ------------------------------------------------------------------------------------------
+    # one optimizer step
+
+    def lr(self, it: int) -> float:
+        cfg = self.cfg
+        peak = float(cfg.learning_rate)
+        if not cfg.decay_lr:
+            return peak
+        min_lr = peak / 10 if cfg.min_lr is None else float(cfg.min_lr)
+        return lr_at(it, peak, int(cfg.warmup_iters), int(cfg.lr_decay_iters), min_lr)
+
+    def _micro_batches(self, it: int):
+        """This rank's micro-batches of iteration ``it``: slices of one global draw, so the data a
+        step sees does not depend on how it is split over ranks and accumulation steps."""
+        cfg = self.cfg
+        bs, block = int(cfg.batch_size), int(cfg.block_size)
+        gen = torch.Generator().manual_seed(step_seed(cfg.seed, it, 0))
+        offsets = sample_offsets(len(self.data.train), block, self.accum * self.dist.world_size * bs, gen)
+        for micro in range(self.accum):
+            j = self.dist.rank * self.accum + micro
+            yield micro, get_batch(self.data.train, offsets[j * bs : (j + 1) * bs], block, self.device)
+
+    def train_step(self, it: int) -> dict:
+        lr = self.lr(it)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(step_seed(self.cfg.seed, it, 1 + self.dist.rank))  # dropout
+        loss_sum = torch.zeros((), device=self.device)
+        for micro, (x, y) in self._micro_batches(it):
+            last = micro == self.accum - 1
+            sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.model.no_sync()
+            with sync:
+                with self.precision.autocast(self.device):
+                    _, loss = self.model(x, y)
+                self.scaler.scale(loss / self.accum).backward()
+            loss_sum += loss.detach()
+        loss_value = loss_sum.item() / self.accum
+        if not math.isfinite(loss_value):
+            raise TrainingError(
+                f"loss became {loss_value} at step {it}; stopped. The last good checkpoint in {self.run_dir} is kept. "
+                "Try a lower learning rate, grad_clip, or precision=bf16"
+            )
+        self.scaler.unscale_(self.optimizer)
+        clip = float(self.cfg.grad_clip) if self.cfg.grad_clip else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip).item()
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if scale_before is not None and self.scaler.get_scale() < scale_before:
+            self.skipped_steps += 1  # the scaler found inf/nan gradients and skipped the update
+        return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm}
+
+    # ------------------------------------------------------------------------------------------
+    # evaluation and sampling
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over ``eval_iters`` batches of each split; the same batches at every eval."""
+        cfg = self.cfg
+        bs, block, n = int(cfg.batch_size), int(cfg.block_size), int(cfg.eval_iters)
+        self.fwd_model.eval()
+        out = {}
+        for stream, (split, ids) in enumerate((("train", self.data.train), ("val", self.data.val))):
+            gen = torch.Generator().manual_seed(step_seed(cfg.seed, -1, stream))
+            offsets = sample_offsets(len(ids), block, n * self.dist.world_size * bs, gen)
+            total = 0.0
+            for i in range(n):
+                j = self.dist.rank * n + i
+                x, y = get_batch(ids, offsets[j * bs : (j + 1) * bs], block, self.device)
+                with self.precision.autocast(self.device):
+                    _, loss = self.fwd_model(x, y)
+                total += loss.item()
+            out[split] = all_reduce_mean(total / n, self.dist, self.device)
+        self.fwd_model.train()
+        return out
+
+    @torch.no_grad()
+    def sample(self, num_tokens: int | None = None) -> str:
+        """A text sample from the current model (seeded, so samples are comparable across evals)."""
+        cfg = self.cfg
+        num_tokens = int(cfg.sample_tokens if num_tokens is None else num_tokens)
+        tok = self.data.tokenizer
+        prompt_ids = tok.encode(cfg.sample_prompt) or [0]
+        idx = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        gen = torch.Generator(device=self.device).manual_seed(int(cfg.seed))
+        self.raw_model.eval()
+        with self.precision.autocast(self.device):
+            out = self.raw_model.generate(idx, num_tokens, temperature=0.8, top_k=200, generator=gen)
+        self.raw_model.train()
+        return tok.decode(out[0].tolist())
+
+    # ------------------------------------------------------------------------------------------
+    # the loop
+
+    def _request_stop(self, signum, frame) -> None:
+        self._stop_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+
+    def _should_stop(self) -> bool:
+        flag = self._stop_requested
+        if self.dist.enabled:  # every rank must leave the loop at the same step
+            t = torch.tensor([int(flag)], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
+
+    def _eval_and_checkpoint(self, it: int, final: bool) -> dict[str, float]:
+        losses = self.evaluate()
+        improved = losses["val"] < self.best_val_loss
+        if improved:
+            self.best_val_loss = losses["val"]
+        self.log.scalars(it, {"val/loss": losses["val"], "eval/train_loss": losses["train"]})
+        self.log.message(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        if self.dist.is_main and int(self.cfg.sample_tokens) > 0:
+            self.log.text("sample", self.sample(), it)
+        self.save(best=improved)
+        self.log.write_summary(step=it, best_val_loss=self.best_val_loss, final_val_loss=losses["val"] if final else None)
+        return losses
+
+    def _hparams(self) -> dict:
+        cfg = self.cfg
+        return {
+            "attn": cfg.attn._target_.rsplit(".", 1)[-1], "optim": cfg.optim._target_.rsplit(".", 1)[-1],
+            "precision": cfg.precision.name, "lr": float(cfg.learning_rate), "n_layer": cfg.model.n_layer,
+            "n_embd": cfg.model.n_embd, "n_head": cfg.model.n_head, "block_size": int(cfg.block_size),
+            "batch_size": int(cfg.batch_size) * int(cfg.gradient_accumulation_steps), "seed": int(cfg.seed),
+            "params": self.raw_model.num_params(),
+        }
+
+    def fit(self) -> dict:
+        """Train from ``self.step`` to ``max_iters``; returns the summary (also in summary.json)."""
+        cfg, timer = self.cfg, Timer()
+        max_iters, eval_interval = int(cfg.max_iters), int(cfg.eval_interval)
+        self.log.hparams(self._hparams())
+        self.log.message(
+            f"model: {self.raw_model.num_params() / 1e6:.2f}M parameters, vocab {self.model_config.vocab_size}; "
+            f"{self.tokens_per_step:,} tokens per step on {self.dist.world_size} process(es), device {self.device}"
+        )
+        previous = signal.signal(signal.SIGINT, self._request_stop) if self._on_main_thread() else None
+        tok_rates, losses = [], {}
+        try:
+            while self.step < max_iters:
+                if self._should_stop():
+                    return self._interrupted(timer, tok_rates)
+                it, t0 = self.step, time.perf_counter()
+                metrics = self.train_step(it)
+                dt = time.perf_counter() - t0
+                self.step = it + 1
+                if it > 0 or max_iters == 1:
+                    tok_rates.append(self.tokens_per_step / dt)
+                if it % int(cfg.log_interval) == 0 or self.step == max_iters:
+                    self._log_step(it, metrics, dt)
+                if eval_interval > 0 and self.step % eval_interval == 0 and self.step < max_iters:
+                    losses = self._eval_and_checkpoint(self.step, final=False)
+            losses = self._eval_and_checkpoint(self.step, final=True)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        return self._finish("completed", timer, tok_rates, final_val_loss=losses.get("val"))
+
+    def _log_step(self, it: int, metrics: dict, dt: float) -> None:
+        tok_s = self.tokens_per_step / dt
+        values = {"train/loss": metrics["loss"], "lr": metrics["lr"], "grad_norm": metrics["grad_norm"],
+                  "tokens_per_sec": tok_s, "step_ms": dt * 1000, "memory/peak_bytes": peak_memory_bytes(self.device)}
+        if self.scaler.is_enabled():
+            values.update({"loss_scale": self.scaler.get_scale(), "skipped_steps": self.skipped_steps})
+        self.log.scalars(it, values)
+        self.log.progress(it, metrics["loss"], metrics["lr"], tok_s, dt * 1000)
+
+    def _interrupted(self, timer: Timer, tok_rates: list[float]) -> dict:
+        self.save()
+        self.log.message(
+            f"interrupted at step {self.step}; checkpoint saved to {self.run_dir / ckpt.LAST}. "
+            f"Resume with: python scripts/train.py resume=true hydra.run.dir={self.run_dir}"
+        )
+        return self._finish("interrupted", timer, tok_rates)
+
+    def _finish(self, status: str, timer: Timer, tok_rates: list[float], **extra) -> dict:
+        mean_rate = sum(tok_rates) / len(tok_rates) if tok_rates else None
+        self.log.write_summary(
+            status=status, step=self.step, best_val_loss=self.best_val_loss if math.isfinite(self.best_val_loss) else None,
+            tokens_per_sec=mean_rate, peak_mem_bytes=peak_memory_bytes(self.device),
+            wall_time_s=timer.elapsed(), **extra,
+        )
+        self.log.close()
+        return dict(self.log.summary) if self.dist.is_main else {"status": status, "step": self.step}
+
+    def fail(self, error: BaseException, status: str = "failed") -> None:
+        """Record a run that stopped on an error (the checkpoints already written stay valid)."""
+        self.log.write_summary(status=status, step=self.step, error=str(error))
+        self.log.close()
+
+    @staticmethod
+    def _on_main_thread() -> bool:
+        import threading
+
+        return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,114 @@
+"""Run outputs: TensorBoard scalars/text/hparams, ``summary.json``, and console progress.
+
+Only rank 0 constructs a ``RunLogger``; other ranks get a ``NullLogger`` with the same methods.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SUMMARY = "summary.json"
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: the allocator's peak; elsewhere: the process's peak resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+
+
+class RunLogger:
+    """Writes everything a run reports into its run directory."""
+
+    def __init__(self, run_dir: Path, max_iters: int, overrides: list[str], purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir = Path(run_dir)
+        self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
+        self.max_iters = max_iters
+        self.summary = {
+            "status": "running", "step": 0, "max_iters": max_iters, "best_val_loss": None,
+            "final_val_loss": None, "tokens_per_sec": None, "peak_mem_bytes": None,
+            "wall_time_s": None, "overrides": list(overrides), "error": None,
+        }
+        self._bar = None
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=max_iters, dynamic_ncols=True, unit="it")
+        self.write_summary()
+
+    # -- TensorBoard -------------------------------------------------------------------------
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for tag, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(tag, value, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        # TensorBoard renders text as Markdown: indent it so line breaks survive
+        self.writer.add_text(tag, "    " + text.replace("\n", "\n    "), step)
+
+    def hparams(self, hparams: dict, metric_tag: str = "val/loss") -> None:
+        """Register the run's hyperparameters; TensorBoard reads the metric from ``metric_tag``."""
+        from torch.utils.tensorboard.summary import hparams as hp_summary
+
+        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+        for s in hp_summary(clean, {metric_tag: math.nan}):
+            self.writer.file_writer.add_summary(s)
+
+    # -- console -----------------------------------------------------------------------------
+    def progress(self, step: int, loss: float, lr: float, tokens_per_sec: float, step_ms: float) -> None:
+        if self._bar is not None:
+            self._bar.n = step + 1
+            self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
+            self._bar.refresh()
+        else:
+            print(f"step {step:>6}/{self.max_iters}: loss {loss:.4f}, lr {lr:.2e}, "
+                  f"{tokens_per_sec:,.0f} tok/s, {step_ms:.1f} ms/step", flush=True)
+
+    def message(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    # -- summary.json ------------------------------------------------------------------------
+    def write_summary(self, **updates) -> None:
+        self.summary.update(updates)
+        path = self.run_dir / SUMMARY
+        tmp = path.with_name(SUMMARY + ".tmp")
+        tmp.write_text(json.dumps(self.summary, indent=2))
+        os.replace(tmp, path)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self.writer.flush()
+        self.writer.close()
+
+
+class NullLogger:
+    """Stand-in for ranks other than 0: accepts every call, writes nothing."""
+
+    summary: dict = {}
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+class Timer:
+    """Wall-clock seconds since construction."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
