@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from models import GPT, GPTConfig
 from trainer import checkpoint as ckpt
+from trainer.config import build
 from trainer.data import TokenData, check_block_size, get_batch, sample_offsets
 from trainer.distributed import DistInfo, all_reduce_mean, init_distributed
 from trainer.precision import Precision
@@ -60,13 +60,13 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.overrides = list(overrides or [])
         self.dist, self.device = init_distributed(cfg.device)
-        self.precision: Precision = instantiate(cfg.precision)
+        self.precision: Precision = build(cfg.precision)
         self._check_batch_config()
         self.data = self._load_data()
         self.model_config, self.raw_model = self._build_model()
         self.model, self.fwd_model = self._wrap_model()
         optim_cfg = cfg.optim
-        factory = instantiate(optim_cfg)
+        factory = build(optim_cfg)
         self.optimizer = factory(param_groups(self.raw_model, float(optim_cfg.get("weight_decay", 0.0) or 0.0)))
         self.scaler = self.precision.make_scaler(self.device)
         self.step, self.best_val_loss, self.skipped_steps = 0, math.inf, 0
@@ -106,7 +106,7 @@ class Trainer:
         # rank 0 prepares (and caches) the corpus first; the others then read the cache
         if self.dist.enabled and not self.dist.is_main:
             dist.barrier()
-        data = instantiate(self.cfg.data)
+        data = build(self.cfg.data)
         if self.dist.enabled and self.dist.is_main:
             dist.barrier()
         check_block_size(data, int(self.cfg.block_size))
@@ -116,9 +116,9 @@ class Trainer:
         vocab = self.cfg.model.get("vocab_size") or self.data.vocab_size
         if vocab < self.data.vocab_size:
             raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's {self.data.vocab_size} tokens")
-        model_config: GPTConfig = instantiate(self.cfg.model, vocab_size=int(vocab))
+        model_config: GPTConfig = build(self.cfg.model, vocab_size=int(vocab))
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank and every run
-        attn_fn = instantiate(self.cfg.attn)
+        attn_fn = build(self.cfg.attn)
         return model_config, GPT(model_config, attn_fn).to(self.device)
 
     def _wrap_model(self):
