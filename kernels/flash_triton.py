@@ -264,13 +264,26 @@ INTERPRETED = isinstance(_fwd_kernel, InterpretedFunction)
 
 # ----------------------------------------------------------------------------- launch configs
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M tiles queries and BLOCK_N keys in every
-# kernel: the forward and dQ kernels keep a query block resident and stream keys; the dK/dV
-# kernel keeps a key block resident and streams queries, so it prefers a small BLOCK_M.
-FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 4)]
-DKDV_CONFIGS = [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 4), (64, 64, 4, 3)]
-DQ_CONFIGS = [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 4), (64, 64, 4, 3)]
-CONFIGS = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), keyed by the largest head dim they serve. BLOCK_M
+# tiles queries and BLOCK_N keys in every kernel: the forward and dQ kernels keep a query block
+# resident and stream keys; the dK/dV kernel keeps a key block (and two fp32 accumulators) resident
+# and streams queries, so it wants a small BLOCK_M. Every config here compiles for sm_80 and sm_90
+# with no register spills per ptxas (python -m kernels.flash_aot --full --ptxas-info); the 4-warp
+# D=128 variants of the D<=64 lists spill 0.1-3.5 KB, hence the separate lists.
+CONFIGS = {
+    "fwd": {
+        64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 4)],
+        128: [(128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 4), (64, 64, 4, 3)],
+    },
+    "dkdv": {
+        64: [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 4)],
+        128: [(32, 64, 8, 3), (64, 64, 8, 3), (16, 128, 8, 3), (16, 64, 4, 4)],
+    },
+    "dq": {
+        64: [(128, 32, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3), (128, 64, 8, 3)],
+        128: [(64, 32, 4, 4), (64, 64, 4, 3), (64, 64, 8, 3)],
+    },
+}
 PREPROCESS_BLOCK_M, PREPROCESS_WARPS = 64, 4
 
 # The interpreter ignores warps, stages and shared memory, and its cost is per program and per
@@ -282,19 +295,29 @@ KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel, "
 
 def shared_bytes_estimate(kernel: str, config: tuple, head_dim: int, elem_bytes: int) -> int:
     """Upper estimate of the shared memory one program of ``kernel`` needs on sm_80/sm_90."""
+    # Tile buffers: with triton 3.9 these match sm_90's allocation to within 1 KB (sm_80 needs
+    # less); 2 KB covers the rest. tests/test_flash_aot.py checks it stays an upper bound.
     block_m, block_n, _, stages = config
     if kernel == "fwd":  # K and V tiles per pipeline stage, plus Q
-        return (2 * block_n * head_dim * stages + block_m * head_dim) * elem_bytes
-    if kernel == "dkdv":  # Q and dO tiles per stage, plus resident K and V
-        return (2 * block_m * head_dim * stages + 2 * block_n * head_dim) * elem_bytes
-    if kernel == "dq":  # K and V tiles per stage, plus resident Q and dO
-        return (2 * block_n * head_dim * stages + 2 * block_m * head_dim) * elem_bytes
-    raise ValueError(f"unknown kernel {kernel!r}")
+        tiles = 2 * block_n * head_dim * stages + block_m * head_dim
+    elif kernel == "dkdv":  # Q and dO tiles per stage, plus resident K and V
+        tiles = 2 * block_m * head_dim * stages + 2 * block_n * head_dim
+    elif kernel == "dq":  # K and V tiles per stage, plus resident Q and dO
+        tiles = 2 * block_n * head_dim * stages + 2 * block_m * head_dim
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}")
+    return tiles * elem_bytes + 2048
+
+
+def configs_for(kernel: str, head_dim: int) -> list[tuple]:
+    """The shipped autotune configs of ``kernel`` for this head dim."""
+    table = CONFIGS[kernel]
+    return table[min(d for d in table if d >= head_dim)]
 
 
 def prune_configs(kernel: str, head_dim: int, elem_bytes: int, shared_limit: int) -> list[tuple]:
-    """Configs of ``kernel`` whose estimated shared memory fits ``shared_limit`` bytes (never empty)."""
-    configs = CONFIGS[kernel]
+    """Configs of ``kernel`` for ``head_dim`` whose estimated shared memory fits (never empty)."""
+    configs = configs_for(kernel, head_dim)
     fits = [c for c in configs if shared_bytes_estimate(kernel, c, head_dim, elem_bytes) <= shared_limit]
     return fits or [min(configs, key=lambda c: shared_bytes_estimate(kernel, c, head_dim, elem_bytes))]
 
@@ -313,8 +336,9 @@ def autotuned(kernel: str):
             keep = set(prune_configs(kernel, args["HEAD_D"], q.element_size(), props["max_shared_mem"]))
             return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
 
+        every = {cfg for table in CONFIGS[kernel].values() for cfg in table}
         configs = [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in CONFIGS[kernel]
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in sorted(every)
         ]
         _AUTOTUNED[kernel] = triton.autotune(
             configs=configs, key=["T_Q", "T_K", "HEAD_D", "CAUSAL"], prune_configs_by={"early_config_prune": early_prune}
