@@ -24,6 +24,20 @@ from trainer.config import register_resolvers
 
 register_resolvers()
 
+
+def _quiet_hydra_on_other_ranks() -> None:
+    """Under torchrun only rank 0 writes the run directory: Hydra on the other ranks gets a
+    throw-away output dir (the trainer takes rank 0's directory by broadcast)."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank > 0 and "-m" not in sys.argv and "--multirun" not in sys.argv:
+        import tempfile
+
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
+                     f"hydra.run.dir={tempfile.gettempdir()}/gptlab-rank{rank}-{os.getpid()}"]
+
+
+_quiet_hydra_on_other_ranks()
+
 # Errors that are the user's to fix: reported in one line, without a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, OmegaConfBaseException, RuntimeError)
 
@@ -42,9 +56,10 @@ def main(cfg: DictConfig) -> float | None:
         summary = trainer.fit()
         if summary.get("status") == "interrupted":
             raise SystemExit(130)
-        print(f"done: val loss {summary.get('final_val_loss')}, outputs in {run_dir}", flush=True)
-        if trainer.dist.is_main and int(cfg.sample_tokens) > 0:
-            print("sample:\n" + trainer.sample(), flush=True)
+        if trainer.dist.is_main:
+            print(f"done: val loss {summary.get('final_val_loss'):.4f}, outputs in {trainer.run_dir}", flush=True)
+            if int(cfg.sample_tokens) > 0:
+                print("sample:\n" + trainer.sample(), flush=True)
         return summary.get("best_val_loss")
     except USER_ERRORS as e:
         if trainer is not None:
@@ -57,6 +72,15 @@ def main(cfg: DictConfig) -> float | None:
         return None
     finally:
         shutdown_distributed()
+        if trainer is not None and not trainer.dist.is_main and str(trainer.run_dir) != run_dir:
+            _remove_if_empty(run_dir)
+
+
+def _remove_if_empty(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from models import GPT, GPTConfig
 from trainer import checkpoint as ckpt
 from trainer.config import build
 from trainer.data import TokenData, check_block_size, get_batch, sample_offsets
-from trainer.distributed import DistInfo, all_reduce_mean, init_distributed
+from trainer.distributed import all_reduce_mean, broadcast_object, init_distributed
 from trainer.precision import Precision
 from trainer.runlog import NullLogger, RunLogger, Timer, peak_memory_bytes
 from trainer.schedule import lr_at
@@ -57,9 +57,9 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None):
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
         self.overrides = list(overrides or [])
         self.dist, self.device = init_distributed(cfg.device)
+        self.run_dir = Path(broadcast_object(str(run_dir), self.dist))  # rank 0's directory everywhere
         self.precision: Precision = build(cfg.precision)
         self._check_batch_config()
         self.data = self._load_data()
