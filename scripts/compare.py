@@ -20,13 +20,16 @@ def main(argv: list[str] | None = None) -> int:
     fmt = parser.add_mutually_exclusive_group()
     fmt.add_argument("--csv", action="store_true", help="print CSV instead of markdown")
     fmt.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    parser.add_argument("--all-keys", action="store_true",
+                        help="a column for every differing config key, not only the ones a group choice "
+                             "(optim=lion) does not already explain")
     parser.add_argument("--plot-dir", metavar="DIR", help="also write PNG plots into DIR (needs matplotlib)")
     args = parser.parse_args(argv)
 
     try:
-        groups, rows, keys = compare(args.runs_dir)
+        groups, rows, keys = compare(args.runs_dir, all_keys=args.all_keys)
         if args.plot_dir:
-            files = write_plots(groups, args.plot_dir)
+            files = write_plots(groups, args.plot_dir, keys)
     except CompareError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2

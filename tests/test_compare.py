@@ -53,14 +53,21 @@ def make_config(attn="naive", optim="adamw", seed=0, **top):
 
 
 def make_run(root: Path, name: str, config: dict | None, scalars: dict[str, list[tuple[int, float]]],
-             summary: dict | None = None, seconds_per_step: float = 0.5, new_style: bool = False) -> Path:
+             summary: dict | None = None, seconds_per_step: float = 0.5, new_style: bool = False,
+             choices: dict | None = None, overrides: list[str] | None = None) -> Path:
     """A run dir as the trainer writes it; scalars are {tag: [(step, value)]} at fabricated times."""
     run = root / name
     run.mkdir(parents=True)
     (run / ".hydra").mkdir()
     (run / ".hydra" / "config.yaml").write_text("not: a run\n")  # must not be found as a run
+    if choices is not None:  # as Hydra records them, its own groups included
+        hydra_choices = {"hydra/launcher": "basic", "hydra/sweeper": "basic", **choices}
+        (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
+            {"hydra": {"run": {"dir": "runs/${now:%Y}"}, "runtime": {"choices": hydra_choices}}}))
+    if overrides is not None:
+        (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     if config is not None:
-        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     writer = SummaryWriter(log_dir=str(run))
     # the trainer also logs text samples and hparams; these are tensors that are not scalars
     writer.add_text("sample", "    To be", 0)
@@ -162,6 +169,44 @@ def test_csv_and_json_parse_back(grid, capsys):
     assert [r["run"] for r in data["rows"]] == [r["run"] for r in table]
     assert data["rows"][1]["runs"] == ["attn=naive,optim=adamw,seed=0", "attn=naive,optim=adamw,seed=1"]
     assert data["rows"][1]["final_val_loss"] == pytest.approx(2.2)
+
+
+OPTIM_GROUP = {  # resolved optim nodes of two group options, with learning_rate: ${optim.lr}
+    "adamw": {"_target_": "trainer.optim.AdamW", "lr": 1e-3, "betas": [0.9, 0.99], "weight_decay": 0.1},
+    "sgd": {"_target_": "trainer.optim.SGD", "lr": 0.3, "momentum": 0.9, "weight_decay": 0.0},
+}
+
+
+def optim_run(root, name, optim, lr=None, seed=0, max_iters=100, extra=()):
+    config = make_config(seed=seed, max_iters=max_iters)
+    config["optim"] = dict(OPTIM_GROUP[optim], **({"lr": lr} if lr else {}))
+    config["learning_rate"] = config["optim"]["lr"]
+    overrides = [f"optim={optim}", *extra]
+    choices = {"model": "nano", "optim": optim, "attn": "naive", "data": "text"}
+    return make_run(root, name, config, {"val/loss": val_curve([2.0])}, done(overrides=overrides),
+                    choices=choices, overrides=overrides)
+
+
+def test_group_choice_folds_the_keys_it_explains(tmp_path, capsys):
+    root = tmp_path / "runs"
+    optim_run(root, "optim=adamw", "adamw")
+    optim_run(root, "optim=sgd", "sgd")
+    groups, rows, keys = cmp.compare(root)
+    assert keys == ["optim"]  # not optim.lr, optim.betas, optim.momentum, learning_rate, ...
+    assert {r["run"]: r["config"]["optim"] for r in rows} == {"optim=adamw": "adamw", "optim=sgd": "sgd"}
+    _, _, every = cmp.compare(root, all_keys=True)
+    assert {"optim", "optim._target_", "optim.lr", "optim.betas", "optim.momentum", "learning_rate"} <= set(every)
+    assert load_script().main([str(root), "--all-keys"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    cells = header.strip("| ").split(" | ")
+    assert "optim" in cells and "optim._target_" in cells and len(cells) == len(set(cells))
+
+    # lr swept explicitly next to the choice, and max_iters differing without a choice: columns
+    optim_run(root, "optim=adamw,optim.lr=0.003", "adamw", lr=3e-3, extra=["optim.lr=0.003"])
+    optim_run(root, "optim=sgd,max_iters=50", "sgd", max_iters=50)
+    _, rows, keys = cmp.compare(root)
+    assert keys[0] == "optim" and sorted(keys[1:]) == ["max_iters", "optim.lr"]
+    assert len(rows) == 4
 
 
 def test_crashed_and_failed_runs_are_reported_not_averaged(tmp_path, capsys):
@@ -279,7 +324,7 @@ def test_real_two_by_two_sweep(tmp_path, capsys):
     cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "-m", "attn=naive,sdpa", "optim=adamw,sgd",
            "max_iters=4", "eval_interval=2", "eval_iters=1", "log_interval=1", "batch_size=2",
            "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "block_size=16", "data=text",
-           f"data.path={text}", f"hydra.sweep.dir={sweep}"]
+           f"data.path={text}", f"hydra.sweep.dir={sweep}", "sample_tokens=0"]
     env = {**os.environ, "GPTLAB_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -288,9 +333,10 @@ def test_real_two_by_two_sweep(tmp_path, capsys):
     assert load_script().main([str(sweep), "--json", "--plot-dir", str(plots)]) == 0
     data = json.loads(capsys.readouterr().out)
     rows = data["rows"]
-    assert sorted(r["run"] for r in rows) == ["attn=naive,optim=adamw", "attn=naive,optim=sgd",
-                                              "attn=sdpa,optim=adamw", "attn=sdpa,optim=sgd"]
-    assert {"attn", "optim"} <= set(data["keys"])
+    assert data["keys"] == ["attn", "optim"]
+    assert sorted((r["config"]["attn"], r["config"]["optim"]) for r in rows) == [
+        ("naive", "adamw"), ("naive", "sgd"), ("sdpa", "adamw"), ("sdpa", "sgd")]
+    assert len({r["run"] for r in rows}) == 4  # four run directories, none shared
     for row in rows:
         assert row["status"] == "completed" and row["n"] == 1
         assert row["best_val_loss"] is not None and np.isfinite(row["best_val_loss"])

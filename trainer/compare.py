@@ -53,6 +53,16 @@ class Run:
     summary: dict[str, Any]
     scalars: dict[str, Curve]
     start_time: float | None
+    choices: dict[str, str] = field(default_factory=dict)  # Hydra group choices: {"attn": "naive"}
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """What identifies the run's setup: group choices, then the flattened resolved config."""
+        # choices in the config's order (model, attn, optim, ...), not Hydra's
+        position = {k.partition(".")[0]: i for i, k in reversed(list(enumerate(self.config)))}
+        ordered = sorted(self.choices, key=lambda g: position.get(g, len(position)))
+        return {**{g: self.choices[g] for g in ordered}, **self.config}
 
     @property
     def seed(self) -> Any:
@@ -176,6 +186,22 @@ def _read_config(path: Path) -> dict[str, Any]:
     return flatten(tree) if isinstance(tree, dict) else {}
 
 
+def _read_hydra(path: Path) -> tuple[dict[str, str], list[str] | None]:
+    """Group choices (``hydra.runtime.choices``) and override strings from the run's .hydra/."""
+    choices: dict[str, str] = {}
+    overrides = None
+    hydra_yaml, overrides_yaml = path / ".hydra" / "hydra.yaml", path / ".hydra" / "overrides.yaml"
+    if hydra_yaml.is_file():
+        node = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.runtime.choices")
+        tree = OmegaConf.to_container(node, resolve=False) if node is not None else {}
+        # Hydra's own groups (hydra/launcher, hydra/sweeper, ...) say nothing about the experiment
+        choices = {k: str(v) for k, v in tree.items() if "/" not in k and not k.startswith("hydra")}
+    if overrides_yaml.is_file():
+        listed = OmegaConf.to_container(OmegaConf.load(overrides_yaml))
+        overrides = [str(o) for o in listed] if isinstance(listed, list) else None
+    return choices, overrides
+
+
 def _read_summary(path: Path) -> dict[str, Any]:
     file = path / "summary.json"
     try:
@@ -236,8 +262,12 @@ def load_runs(root: str | os.PathLike) -> list[Run]:
     for path in discover_runs(root):
         curves, start = _read_scalars(path)
         rel = path.relative_to(root).as_posix()
-        runs.append(Run(path, path.name if rel == "." else rel, _read_config(path),
-                        _read_summary(path), curves, start))
+        summary = _read_summary(path)
+        choices, overrides = _read_hydra(path)
+        if overrides is None:
+            overrides = [str(o) for o in summary.get("overrides") or []]
+        runs.append(Run(path, path.name if rel == "." else rel, _read_config(path), summary,
+                        curves, start, choices, overrides))
     if not runs:
         raise CompareError(
             f"no runs found under '{root}' (a run directory holds config.yaml, summary.json "
@@ -253,12 +283,54 @@ def _ignored(key: str) -> bool:
 
 
 def differing_keys(runs: Sequence[Run]) -> list[str]:
-    """Config keys whose value is not the same in every run that has a config (absent counts)."""
-    configs = [r.config for r in runs if r.config]
+    """Choices and config keys whose value is not the same in every run with a config (absent counts)."""
+    configs = [r.fields for r in runs if r.config]
     keys: dict[str, None] = {}  # ordered set: first-seen order keeps groups (attn.*, optim.*) together
     for config in configs:
         keys.update((k, None) for k in config if not _ignored(k))
     return [k for k in keys if len({_hashable(c.get(k, MISSING)) for c in configs}) > 1]
+
+
+def _override_keys(runs: Sequence[Run]) -> set[str]:
+    """Keys the user set on the command line (``+optim.lr=3e-4`` -> ``optim.lr``)."""
+    return {o.partition("=")[0].lstrip("+~") for r in runs for o in r.overrides if "=" in o}
+
+
+def table_keys(runs: Sequence[Run], keys: Sequence[str]) -> list[str]:
+    """The differing keys worth a column: group choices (``optim``), keys set by an override, and
+    keys that neither a choice nor an earlier column explains.
+
+    A sweep over ``optim=sgd,adamw`` changes ``optim.lr``, ``optim.betas``, ``learning_rate`` ...
+    as a consequence of the choice; those are folded into the ``optim`` column. A key is folded
+    only when it lies under a differing group and takes one value per choice, or repeats an
+    earlier key, or a key of a chosen group, in every run (``learning_rate: ${optim.lr}``).
+    """
+    fields = [r.fields for r in runs if r.config]
+    chosen = [k for k in keys if any(k in r.choices for r in runs)]
+    explicit = _override_keys(runs)
+
+    def column(key: str) -> list[Any]:
+        return [_hashable(f.get(key, MISSING)) for f in fields]
+
+    def one_value_per_choice(key: str) -> bool:
+        seen: dict[tuple, Any] = {}
+        for f in fields:
+            choice = tuple(f.get(c, MISSING) for c in chosen)
+            if seen.setdefault(choice, _hashable(f.get(key, MISSING))) != _hashable(f.get(key, MISSING)):
+                return False
+        return True
+
+    shown = list(chosen)
+    for i, key in enumerate(keys):
+        if key in chosen:
+            continue
+        in_group = any(key.startswith(g + ".") for g in chosen)
+        # an alias of an earlier key, or of a key inside a chosen group (learning_rate: ${optim.lr})
+        aliases = [k for j, k in enumerate(keys) if j < i or any(k.startswith(g + ".") for g in chosen)]
+        repeats = any(column(key) == column(other) for other in aliases if other != key)
+        if key in explicit or not (repeats or (in_group and one_value_per_choice(key))):
+            shown.append(key)
+    return shown
 
 
 @dataclass
@@ -267,6 +339,12 @@ class Group:
 
     runs: list[Run]
     values: dict[str, Any]
+
+    def short_label(self, keys: Sequence[str]) -> str:
+        """``attn=naive, optim=adamw`` from the table's columns; the run path(s) when there are none."""
+        if not keys:
+            return self.label
+        return ", ".join(f"{column_name(k, keys)}={_cell(_display(self.values[k]))}" for k in keys)
 
     @property
     def label(self) -> str:
@@ -279,7 +357,7 @@ class Group:
 def group_runs(runs: Sequence[Run], keys: Sequence[str]) -> list[Group]:
     groups: dict[Any, Group] = {}
     for i, run in enumerate(runs):
-        values = {k: run.config.get(k, MISSING) for k in keys}
+        values = {k: run.fields.get(k, MISSING) for k in keys}
         ident: Any = tuple(_hashable(v) for v in values.values())
         if run.status != "completed" or not run.config:
             ident = ("single", i)  # never average an unfinished or unidentifiable run
@@ -335,8 +413,14 @@ def _display(value: Any) -> Any:
     return value
 
 
-def column_name(key: str) -> str:
-    return key[: -len("._target_")] if key.endswith("._target_") else key
+def column_name(key: str, keys: Sequence[str] = ()) -> str:
+    """``attn._target_`` -> ``attn``, unless ``attn`` (the group choice) is a column as well."""
+    short = key[: -len("._target_")] if key.endswith("._target_") else key
+    return key if short != key and short in keys else short
+
+
+def _cell(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 # ------------------------------------------------------------------------------------- formatting
@@ -354,12 +438,32 @@ def _pm(mean: float | None, std: float | None) -> str:
     return _fmt(mean, 4) if std is None else f"{_fmt(mean, 4)} ± {_fmt(std, 4)}"
 
 
+def _elide_shared(names: Sequence[str]) -> list[str]:
+    """Drop the ``k=v`` items every run name shares (``attn=naive,batch_size=2,...`` ->
+    ``attn=naive,…``): the table's columns already say what differs; CSV/JSON keep full paths."""
+    if len(names) < 2:
+        return list(names)
+    split = [n.rsplit("/", 1) if "/" in n else ["", n] for n in names]
+    shared = set.intersection(*(set(last.split(",")) for _, last in split))
+    out = []
+    for head, last in split:
+        items: list[str] = []
+        for item in last.split(","):
+            if item not in shared:
+                items.append(item)
+            elif not items or items[-1] != "…":
+                items.append("…")
+        short = ",".join(items)
+        out.append(f"{head}/{short}" if head else short)
+    return out
+
+
 def to_markdown(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
-    header = ["run", *map(column_name, keys), "seeds", "final val loss", "best val loss", "steps",
+    header = ["run", *(column_name(k, keys) for k in keys), "seeds", "final val loss", "best val loss", "steps",
               "tokens/s", "peak mem (MB)", "wall time (s)", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [row["run"], *(f"{v:g}" if isinstance(v := row["config"][k], float) else v for k in keys),
+    for row, name in zip(rows, _elide_shared([row["run"] for row in rows])):
+        cells = [name, *(_cell(row["config"][k]) for k in keys),
                  ",".join(map(str, row["seeds"])) or MISSING,
                  _pm(row["final_val_loss"], row["final_val_loss_std"]),
                  _pm(row["best_val_loss"], row["best_val_loss_std"]), _fmt(row["steps"], 0),
@@ -376,7 +480,7 @@ _CSV_METRICS = ["n", "seeds", "final_val_loss", "final_val_loss_std", "best_val_
 def to_csv(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["run", *map(column_name, keys), *_CSV_METRICS])
+    writer.writerow(["run", *(column_name(k, keys) for k in keys), *_CSV_METRICS])
     for row in rows:
         metrics = [" ".join(map(str, row[m])) if m == "seeds" else row[m] for m in _CSV_METRICS]
         writer.writerow([row["run"], *(row["config"][k] for k in keys),
@@ -389,7 +493,7 @@ def to_json(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
         return str(value) if isinstance(value, float) and not math.isfinite(value) else value
 
     clean = [{k: plain(v) for k, v in row.items()} for row in rows]
-    return json.dumps({"keys": [column_name(k) for k in keys], "rows": clean}, indent=2, default=str)
+    return json.dumps({"keys": [column_name(k, keys) for k in keys], "rows": clean}, indent=2, default=str)
 
 
 # --------------------------------------------------------------------------------------- plotting
@@ -408,15 +512,21 @@ def _aligned(group: Group) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return steps, np.array(times).reshape(len(group.runs), -1), np.array(losses).reshape(len(group.runs), -1)
 
 
-def _loss_plot(plt: Any, groups: Sequence[Group], by_time: bool, file: Path) -> None:
+def _plot_label(group: Group, keys: Sequence[str]) -> str:
+    run = group.runs[0]
+    if len(group.runs) > 1:
+        return f"{group.short_label(keys)} (n={len(group.runs)})"
+    return group.short_label(keys) + ("" if run.status == "completed" else f" ({run.status})")
+
+
+def _loss_plot(plt: Any, groups: Sequence[Group], keys: Sequence[str], by_time: bool, file: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for group in groups:
         steps, times, losses = _aligned(group)
         if steps.size == 0:
             continue
         x = times.mean(axis=0) if by_time else steps
-        label = group.label + (f" (n={len(group.runs)})" if len(group.runs) > 1 else "")
-        (line,) = ax.plot(x, losses.mean(axis=0), marker=".", label=label)
+        (line,) = ax.plot(x, losses.mean(axis=0), marker=".", label=_plot_label(group, keys))
         if len(group.runs) > 1:  # min–max over seeds
             ax.fill_between(x, losses.min(axis=0), losses.max(axis=0), color=line.get_color(), alpha=0.2)
     ax.set_xlabel("wall-clock time since run start (s)" if by_time else "step")
@@ -431,8 +541,8 @@ def _loss_plot(plt: Any, groups: Sequence[Group], by_time: bool, file: Path) -> 
     plt.close(fig)
 
 
-def _resource_plot(plt: Any, groups: Sequence[Group], file: Path) -> None:
-    labels = [g.label for g in groups]
+def _resource_plot(plt: Any, groups: Sequence[Group], keys: Sequence[str], file: Path) -> None:
+    labels = [_plot_label(g, keys) for g in groups]
     fig, axes = plt.subplots(1, 2, figsize=(12, 1.5 + 0.5 * len(groups)), sharey=True)
     for ax, metric, title in ((axes[0], "tokens_per_sec", "tokens/s"),
                               (axes[1], "peak_mem_mb", "peak memory (MB)")):
@@ -451,8 +561,10 @@ def _resource_plot(plt: Any, groups: Sequence[Group], file: Path) -> None:
     plt.close(fig)
 
 
-def write_plots(groups: Sequence[Group], out_dir: str | os.PathLike) -> list[Path]:
-    """Val loss vs step, val loss vs wall-clock time, and tokens/s + peak memory bars, as PNGs."""
+def write_plots(groups: Sequence[Group], out_dir: str | os.PathLike, keys: Sequence[str] = ()) -> list[Path]:
+    """Val loss vs step, val loss vs wall-clock time, and tokens/s + peak memory bars, as PNGs.
+
+    Lines and bars are labelled by the table's columns ``keys`` (run paths when empty)."""
     try:
         import matplotlib
     except ImportError as err:
@@ -463,15 +575,20 @@ def write_plots(groups: Sequence[Group], out_dir: str | os.PathLike) -> list[Pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "val_loss_vs_step.png", out / "val_loss_vs_time.png", out / "throughput_memory.png"]
-    _loss_plot(plt, groups, by_time=False, file=files[0])
-    _loss_plot(plt, groups, by_time=True, file=files[1])
-    _resource_plot(plt, groups, files[2])
+    _loss_plot(plt, groups, keys, by_time=False, file=files[0])
+    _loss_plot(plt, groups, keys, by_time=True, file=files[1])
+    _resource_plot(plt, groups, keys, files[2])
     return files
 
 
-def compare(root: str | os.PathLike) -> tuple[list[Group], list[dict[str, Any]], list[str]]:
-    """Load, group and summarize every run under ``root``: (groups, sorted rows, differing keys)."""
+def compare(root: str | os.PathLike, all_keys: bool = False
+            ) -> tuple[list[Group], list[dict[str, Any]], list[str]]:
+    """Load, group and summarize every run under ``root``: (groups, sorted rows, column keys).
+
+    Runs are grouped on every differing key; ``all_keys`` also makes each of them a column
+    instead of folding the ones a group choice explains (see :func:`table_keys`)."""
     runs = load_runs(root)
     keys = differing_keys(runs)
     groups = group_runs(runs, keys)
-    return groups, summarize(groups, keys), keys
+    columns = keys if all_keys else table_keys(runs, keys)
+    return groups, summarize(groups, columns), columns
