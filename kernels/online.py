@@ -108,10 +108,10 @@ def _forward(q, k, v, causal: bool, scale: float, block: int):
                 _mask_tile(s, qs, ks)
             # update m and l; rows always see their own (diagonal) key, so m_new is finite
             m_new = torch.maximum(m, s.amax(dim=-1))
-            alpha = torch.exp(m - m_new)  # rescales everything accumulated so far
+            alpha = (m - m_new).exp_()  # rescales everything accumulated so far
             p = s.sub_(m_new.unsqueeze(-1)).exp_()
-            l = l * alpha + p.sum(dim=-1)
-            acc = acc * alpha.unsqueeze(-1) + p @ vf[:, :, ks:ke]
+            l = l.mul_(alpha).add_(p.sum(dim=-1))
+            acc = acc.mul_(alpha.unsqueeze(-1)).add_(p @ vf[:, :, ks:ke])
             m = m_new
         out[:, :, qs:qe] = acc / l.unsqueeze(-1)
         lse[:, :, qs:qe] = m + torch.log(l)

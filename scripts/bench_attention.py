@@ -1,0 +1,340 @@
+"""Benchmark attention implementations side by side: time, bytes saved for backward, peak memory.
+
+    python scripts/bench_attention.py                        # CPU fp32 / CUDA bf16, T = 128..4096
+    python scripts/bench_attention.py --plot attn.png        # also plot time and memory against T
+    TRITON_INTERPRET=1 python scripts/bench_attention.py --include-flash --seq-lens 64 128
+    python scripts/bench_attention.py --tflops               # CUDA only: TFLOP/s vs SDPA's flash backend
+
+Times are medians over ``--repeats`` runs, taken in this process with the implementations
+interleaved run by run. Memory is measured for every (implementation, T) point in a fresh
+subprocess so that its peak figure is its own: on CUDA ``torch.cuda.max_memory_allocated`` during one forward+backward, above what was
+allocated before it; on CPU the growth of the process's peak RSS (``ru_maxrss``) during one
+forward+backward, above the peak reached after creating the inputs and a tiny warm-up call.
+"Saved" is the bytes of the unique storages autograd keeps for backward, counted with
+``torch.autograd.graph.saved_tensors_hooks`` (inputs that are saved count too).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+IMPLS = ("naive", "online", "sdpa", "flash")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MIB = 2**20
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seq-lens", type=int, nargs="+", default=None, help="default 128 512 1024 2048 4096")
+    p.add_argument("--batch", type=int, default=None, help="default 1 (4 with --tflops)")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--device", default=None, help="default cuda when available, else cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); 1 keeps timings sane on a loaded machine")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per point; the median is reported")
+    p.add_argument("--no-causal", dest="causal", action="store_false", help="full (non-causal) attention")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--block-size", type=int, default=None, help="online_attention block size (default: its own)")
+    p.add_argument("--include-flash", action="store_true",
+                   help="on CPU, run the Triton flash kernel under TRITON_INTERPRET=1 (T <= 256 only)")
+    p.add_argument("--plot", metavar="FILE.png", default=None, help="write a plot of time and memory against T")
+    p.add_argument("--tflops", action="store_true", help="CUDA only: forward and fwd+bwd TFLOP/s, T 512..16k")
+    p.add_argument("--worker", choices=IMPLS, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    return args
+
+
+def load_impl(name: str, block_size: int | None):
+    """The attention callable for ``name``; raises ImportError/RuntimeError if it cannot be built."""
+    if name == "online":
+        from kernels.online import DEFAULT_BLOCK_SIZE, online_attention
+
+        bs = block_size or DEFAULT_BLOCK_SIZE
+        return lambda q, k, v, causal=True: online_attention(q, k, v, causal=causal, block_size=bs)
+    if name == "flash":
+        from kernels import flash_attention
+
+        return flash_attention
+    if name == "sdpa-flash":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        from kernels import sdpa_attention
+
+        def sdpa_flash(q, k, v, causal=True):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return sdpa_attention(q, k, v, causal=causal)
+
+        return sdpa_flash
+    import kernels
+
+    return getattr(kernels, f"{name}_attention")
+
+
+def make_inputs(B: int, H: int, T: int, D: int, dtype: torch.dtype, device: str):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v, do = (torch.randn(B, H, T, D, generator=g).to(device=device, dtype=dtype) for _ in range(4))
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), do
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def elapsed_ms(step, device: str) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    step()
+    sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def median_ms(step, device: str, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        step()
+    return statistics.median(elapsed_ms(step, device) for _ in range(repeats))
+
+
+def peak_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports kilobytes
+
+
+def measure_memory(fn, q, k, v, do, causal: bool, device: str) -> tuple[int, int]:
+    """(bytes saved for backward, peak memory growth) of one forward+backward."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = peak_rss_bytes()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(q, k, v, causal=causal)
+    out.backward(do)
+    sync(device)
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_rss_bytes()
+    q.grad = k.grad = v.grad = None
+    return sum(storages.values()), peak - base
+
+
+def run_worker(args: argparse.Namespace) -> dict:
+    """Memory of one (impl, T) point, measured in this fresh process."""
+    (T,) = args.seq_lens
+    dtype, device = DTYPES[args.dtype], args.device
+    fn = load_impl(args.worker, args.block_size)
+    # tiny warm-up so one-time library allocations do not count as this point's memory
+    small = make_inputs(1, 1, 16, args.head_dim, dtype, device)
+    fn(*small[:3], causal=args.causal).backward(small[3])
+    q, k, v, do = make_inputs(args.batch, args.heads, T, args.head_dim, dtype, device)
+    saved, peak = measure_memory(fn, q, k, v, do, args.causal, device)
+    return dict(saved=saved, peak=peak)
+
+
+def time_point(impls: list[str], T: int, args: argparse.Namespace) -> dict[str, dict]:
+    """Median fwd and fwd+bwd ms per impl, interleaving impls run by run.
+
+    Round-robin order means a burst of load from other processes on a shared machine hits every
+    implementation alike instead of whichever happened to be running.
+    """
+    dtype, device = DTYPES[args.dtype], args.device
+    q, k, v, do = make_inputs(args.batch, args.heads, T, args.head_dim, dtype, device)
+    fns = {impl: load_impl(impl, args.block_size) for impl in impls}
+    times: dict[str, dict[str, list]] = {impl: {"fwd_ms": [], "fb_ms": []} for impl in impls}
+
+    def fwd(fn):
+        with torch.no_grad():
+            fn(q, k, v, causal=args.causal)
+
+    def fwd_bwd(fn):
+        fn(q, k, v, causal=args.causal).backward(do)
+        q.grad = k.grad = v.grad = None
+
+    for run in range(args.repeats + 1):  # run 0 warms up
+        for impl, fn in fns.items():
+            for key, step in (("fwd_ms", fwd), ("fb_ms", fwd_bwd)):
+                ms = elapsed_ms(lambda: step(fn), device)
+                if run:
+                    times[impl][key].append(ms)
+    return {impl: {key: statistics.median(ts) for key, ts in t.items()} for impl, t in times.items()}
+
+
+def skip_reason(impl: str, T: int, args: argparse.Namespace) -> str | None:
+    if impl != "flash":
+        return None
+    if not args.device.startswith("cuda"):
+        if not args.include_flash:
+            return "flash: CPU run; pass --include-flash with TRITON_INTERPRET=1 to interpret it"
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "flash: --include-flash on CPU needs TRITON_INTERPRET=1 in the environment"
+        if T > 256:
+            return f"flash: T={T} > 256 is too slow under the Triton interpreter"
+    try:
+        load_impl("flash", None)
+    except Exception as e:  # the kernel is optional: report and go on
+        return f"flash: unavailable ({type(e).__name__}: {e})"
+    return None
+
+
+def spawn_point(impl: str, T: int, args: argparse.Namespace) -> dict | str:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--seq-lens", str(T),
+           "--batch", str(args.batch), "--heads", str(args.heads), "--head-dim", str(args.head_dim),
+           "--dtype", args.dtype, "--device", args.device, "--threads", str(torch.get_num_threads())]
+    if not args.causal:
+        cmd.append("--no-causal")
+    if args.block_size:
+        cmd += ["--block-size", str(args.block_size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["killed (out of memory?)"])[-1]
+        return f"{impl} T={T}: failed ({last})"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ratio(x: float, base: float | None) -> str:
+    return f"{x / base:.2f}x" if base else "-"
+
+
+def print_table(results: dict, args: argparse.Namespace) -> None:
+    mem = "CUDA peak MiB" if args.device.startswith("cuda") else "peak RSS growth MiB"
+    print(f"\nB={args.batch} H={args.heads} D={args.head_dim} {args.dtype} {args.device} "
+          f"causal={args.causal} threads={torch.get_num_threads()}; times are medians of {args.repeats}\n")
+    print(f"| T | impl | fwd ms | fwd+bwd ms | fwd+bwd / naive | saved MiB | saved / naive | {mem} | peak / naive |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for T in args.seq_lens:
+        base = results.get(("naive", T))
+        for impl in args.impls:
+            r = results.get((impl, T))
+            if r is None:
+                continue
+            nb = base or {}
+            print(f"| {T} | {impl} | {r['fwd_ms']:.1f} | {r['fb_ms']:.1f} | {ratio(r['fb_ms'], nb.get('fb_ms'))} "
+                  f"| {r['saved'] / MIB:.1f} | {ratio(r['saved'], nb.get('saved'))} "
+                  f"| {r['peak'] / MIB:.1f} | {ratio(r['peak'], nb.get('peak'))} |")
+
+
+def plot(results: dict, args: argparse.Namespace) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SystemExit(f"--plot needs matplotlib: pip install -e .[plot] ({e})") from e
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    panels = (("fb_ms", "forward+backward ms"), ("saved", "MiB saved for backward"), ("peak", "peak memory MiB"))
+    for ax, (key, label) in zip(axes, panels):
+        for impl in args.impls:
+            pts = [(T, results[(impl, T)][key]) for T in args.seq_lens if (impl, T) in results]
+            if pts:
+                ts, ys = zip(*pts)
+                ys = [y / MIB for y in ys] if key != "fb_ms" else ys
+                ax.plot(ts, ys, marker="o", label=impl)
+        ax.set(xscale="log", yscale="log", xlabel="T", ylabel=label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"attention B={args.batch} H={args.heads} D={args.head_dim} {args.dtype} {args.device}")
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=120)
+    print(f"\nwrote {args.plot}")
+
+
+def attn_flops(B: int, H: int, T: int, D: int, causal: bool) -> float:
+    """Forward FLOPs of attention: two T x T x D matmuls, 2 FLOPs per multiply-add; half if causal."""
+    return 4 * B * H * T * T * D / (2 if causal else 1)
+
+
+def run_tflops(args: argparse.Namespace) -> None:
+    if not torch.cuda.is_available() or not args.device.startswith("cuda"):
+        raise SystemExit("--tflops needs a CUDA device (torch.cuda.is_available() is False here); "
+                         "run the default mode on CPU instead")
+    B = args.batch or 4
+    seq_lens = args.seq_lens or [512, 1024, 2048, 4096, 8192, 16384]
+    impls = ["flash", "sdpa-flash", "online"]
+    dtype = DTYPES[args.dtype]
+    print(f"\nTFLOP/s, {args.dtype}, causal={args.causal}, B={B}; fwd+bwd counts bwd as 2.5x fwd FLOPs\n")
+    print("| H | D | T | " + " | ".join(f"{i} fwd | {i} fwd+bwd" for i in impls) + " |")
+    print("|---:|---:|---:|" + "---:|---:|" * len(impls))
+    for H, D in ((16, 64), (8, 128)):
+        for T in seq_lens:
+            cells = [tflops_cell(impl, B, H, T, D, dtype, args) for impl in impls]
+            print(f"| {H} | {D} | {T} | " + " | ".join(cells) + " |", flush=True)
+
+
+def tflops_cell(impl: str, B: int, H: int, T: int, D: int, dtype: torch.dtype, args) -> str:
+    try:
+        fn = load_impl(impl, args.block_size)
+    except Exception as e:
+        return f"n/a ({type(e).__name__}) | n/a"
+    q, k, v, do = make_inputs(B, H, T, D, dtype, "cuda")
+    flops = attn_flops(B, H, T, D, args.causal)
+
+    def fwd():
+        with torch.no_grad():
+            fn(q, k, v, causal=args.causal)
+
+    def fwd_bwd():
+        fn(q, k, v, causal=args.causal).backward(do)
+        q.grad = k.grad = v.grad = None
+
+    try:
+        f_ms = median_ms(fwd, "cuda", args.repeats)
+        fb_ms = median_ms(fwd_bwd, "cuda", args.repeats)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return "OOM | OOM"
+    return f"{flops / f_ms / 1e9:.1f} | {3.5 * flops / fb_ms / 1e9:.1f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(args)))
+        return
+    if args.tflops:
+        run_tflops(args)
+        return
+    args.batch = args.batch or 1
+    args.seq_lens = args.seq_lens or [128, 512, 1024, 2048, 4096]
+    results, notes = {}, []
+    for T in args.seq_lens:
+        ok = []
+        for impl in args.impls:
+            reason = skip_reason(impl, T, args)
+            r = reason or spawn_point(impl, T, args)
+            if isinstance(r, str):
+                notes.append(r)
+            else:
+                results[(impl, T)] = r
+                ok.append(impl)
+        for impl, t in time_point(ok, T, args).items():
+            results[(impl, T)].update(t)
+        print(f"  T={T} done", file=sys.stderr, flush=True)
+    print_table(results, args)
+    for note in dict.fromkeys(notes):  # unique, in order
+        print(f"- {note}")
+    if args.plot:
+        plot(results, args)
+
+
+if __name__ == "__main__":
+    main()
