@@ -161,7 +161,7 @@ class Adam(Optimizer):
         check_weight_decay(group["weight_decay"])
         check_foreach(group["foreach"])
 
-    def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
+    def _gather(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
         """Collect the parameters that have gradients and their state, creating it on first use."""
         name = type(self).__name__
         lists: tuple[list[Tensor], ...] = ([], [], [], [], [], [])
@@ -191,7 +191,7 @@ class Adam(Optimizer):
         """Take one optimization step; ``closure`` re-evaluates the model and returns the loss."""
         loss = run_closure(closure)
         for group in self.param_groups:
-            lists = self._init_group(group)
+            lists = self._gather(group)
             if not lists[0]:
                 continue
             beta1, beta2 = group["betas"]
