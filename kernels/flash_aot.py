@@ -21,7 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 # opt-in shared memory per block, bytes: A100 (sm_80) 163 KB, H100 (sm_90) 227 KB
 TARGETS = {80: 163 * 1024, 90: 227 * 1024}
-DTYPES = {"fp16": 2, "bf16": 2}
+DTYPES = {"fp16": 2, "bf16": 2, "fp32": 4}
 HEAD_DIMS = (64, 128)
 _POINTER_DTYPE_ARGS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 _FP32_POINTER_ARGS = {"LSE", "Delta"}
@@ -32,12 +32,13 @@ _LENGTH_ARGS = {"H", "T_Q", "T_K"}  # any value: no divisibility hint
 def variants(full: bool = False) -> list[dict]:
     """The (kernel, target, dtype, D, causal, config) variants to compile.
 
-    ``full``: every shipped config (after pruning for the target) x {fp16, bf16} x D {64, 128},
-    causal, plus non-causal at D=128 -- 140 compiles, ~6 minutes cold on 2 cores.
-    Default, a representative set for CI (~2 minutes cold): every config in bf16, causal; fp16
-    and non-causal only for each kernel's largest-shared-memory config. The dtype and the causal
-    flag change neither tile shapes nor pipelining, so they cannot change whether a config fits;
-    those compiles check only that the variant compiles at all, which one config shows.
+    ``full``: every shipped config (after pruning for the target) x {fp16, bf16, fp32} x
+    D {64, 128}, causal, plus non-causal at D=128 for 16-bit inputs.
+    Default, a representative set for CI: every config in bf16, causal; fp16, fp32 and
+    non-causal only for each kernel's largest-shared-memory config that survives pruning. fp16 vs
+    bf16 and the causal flag change neither tile shapes nor pipelining, so they cannot change
+    whether a config fits; fp32 doubles tile bytes, which pruning accounts for and the largest
+    surviving config tests. Those extra compiles check that the variant compiles at all.
     """
     from kernels import flash_triton as fk
 
@@ -58,7 +59,7 @@ def variants(full: bool = False) -> list[dict]:
 
 
 def _wanted(full: bool, dtype: str, d: int, causal: bool, largest: bool) -> bool:
-    if not causal and d != 128:
+    if not causal and (d != 128 or dtype == "fp32"):
         return False
     if full or (causal and dtype == "bf16"):
         return True
@@ -98,7 +99,8 @@ def compile_variant(v: dict, ptxas_info: bool = False) -> dict:
     bm, bn, warps, stages = v["config"]
     constexprs = {"HEAD_D": v["D"], "BLOCK_M": bm}
     if v["kernel"] != "preprocess":
-        constexprs.update(BLOCK_N=bn, CAUSAL=v["causal"], UPCAST=False, PRECISION="tf32")
+        precision = "ieee" if v["dtype"] == "fp32" else "tf32"  # as kernels/flash.py launches them
+        constexprs.update(BLOCK_N=bn, CAUSAL=v["causal"], UPCAST=False, PRECISION=precision)
     sig, attrs = _signature(fn, v["dtype"], constexprs)
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", v["cc"], 32)

@@ -269,11 +269,12 @@ INTERPRETED = isinstance(_fwd_kernel, InterpretedFunction)
 # resident and stream keys; the dK/dV kernel keeps a key block (and two fp32 accumulators) resident
 # and streams queries, so it wants a small BLOCK_M. Every config here compiles for sm_80 and sm_90
 # with no register spills per ptxas (python -m kernels.flash_aot --full --ptxas-info); the 4-warp
-# D=128 variants of the D<=64 lists spill 0.1-3.5 KB, hence the separate lists.
+# D=128 variants of the D<=64 lists spill 0.1-3.5 KB, hence the separate lists. (64, 32, 4, 3)
+# is there for fp32 inputs at D=128, whose 4-byte tiles leave it the only fwd/dq fit on an A100.
 CONFIGS = {
     "fwd": {
         64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 4)],
-        128: [(128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 4), (64, 64, 4, 3)],
+        128: [(128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 4), (64, 64, 4, 3), (64, 32, 4, 3)],
     },
     "dkdv": {
         64: [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 4)],
@@ -281,7 +282,7 @@ CONFIGS = {
     },
     "dq": {
         64: [(128, 32, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3), (128, 64, 8, 3)],
-        128: [(64, 32, 4, 4), (64, 64, 4, 3), (64, 64, 8, 3)],
+        128: [(64, 32, 4, 4), (64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3)],
     },
 }
 PREPROCESS_BLOCK_M, PREPROCESS_WARPS = 64, 4
