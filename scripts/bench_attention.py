@@ -8,8 +8,9 @@
 Times are medians over ``--repeats`` runs, taken in this process with the implementations
 interleaved run by run. Memory is measured for every (implementation, T) point in a fresh
 subprocess so that its peak figure is its own: on CUDA ``torch.cuda.max_memory_allocated`` during one forward+backward, above what was
-allocated before it; on CPU the growth of the process's peak RSS (``ru_maxrss``) during one
-forward+backward, above the peak reached after creating the inputs and a tiny warm-up call.
+allocated before it; on CPU the process's peak RSS (VmHWM, reset through /proc/self/clear_refs)
+during one forward+backward, minus its RSS just before (inputs already created, libraries warmed
+up by a tiny call). Both include the output and the input gradients, not only the activations.
 "Saved" is the bytes of the unique storages autograd keeps for backward, counted with
 ``torch.autograd.graph.saved_tensors_hooks`` (inputs that are saved count too).
 """
@@ -109,9 +110,34 @@ def median_ms(step, device: str, repeats: int, warmup: int = 1) -> float:
     return statistics.median(elapsed_ms(step, device) for _ in range(repeats))
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Reset the peak-RSS mark to the current RSS and return that RSS in bytes.
+
+    Linux: writing 5 to /proc/self/clear_refs resets VmHWM. Elsewhere fall back to ru_maxrss, whose
+    mark cannot be reset, so a peak reached earlier (e.g. while importing torch) hides growth.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kib("VmRSS") * 1024
+    except OSError:
+        return peak_rss_bytes()
+
+
 def peak_rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports kilobytes
+    try:
+        return _status_kib("VmHWM") * 1024
+    except OSError:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024  # Linux reports kilobytes
 
 
 def measure_memory(fn, q, k, v, do, causal: bool, device: str) -> tuple[int, int]:
@@ -127,7 +153,7 @@ def measure_memory(fn, q, k, v, do, causal: bool, device: str) -> tuple[int, int
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = peak_rss_bytes()
+        base = reset_peak_rss()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn(q, k, v, causal=causal)
     out.backward(do)
