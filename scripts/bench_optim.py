@@ -1,6 +1,6 @@
 """Time optimizer.step() for our optimizers against torch.optim on a real model's parameter set.
 
-    python scripts/bench_optim.py --model nano,gpt2 --steps 10 --warmup 3 --rounds 3
+    python scripts/bench_optim.py --model nano,gpt2 --steps 10 --warmup 3 --rounds 3 [--threads 1]
 
 Each optimizer kind builds every implementation on the same parameters and gradients, then
 interleaves single steps (A B C A B C ...) so machine noise hits all of them alike; the table reports the
@@ -99,8 +99,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--threads", type=int, default=0,
+        help="CPU intra-op threads (0: torch's default). On a shared machine 1 avoids OpenMP "
+        "oversubscription, which otherwise dominates the timings",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__}\n")
     print("| model | optimizer | impl | median step ms | ours / torch foreach |")

@@ -373,3 +373,17 @@ def test_step_traces_under_torch_compile(name):
         compiled_step()
         ref.step()
     assert_close_lists(params, ref_params, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,kwargs", ALL_CASES)
+def test_cpu_pieces_are_bit_identical(name, kwargs, monkeypatch):
+    """Running the CPU foreach update piece by piece (large tensors split) changes no bit."""
+    import trainer.optim._common as common
+
+    results = []
+    for piece_numel in (1 << 40, 16):  # one piece; pieces of 16 elements, splitting (5, 3) and up
+        monkeypatch.setattr(common, "CPU_PIECE_NUMEL", piece_numel)
+        params = make_params(torch.float32)
+        run(getattr(ours, name)(params, foreach=True, **kwargs), params, 20)
+        results.append(params)
+    assert_close_lists(results[1], results[0], rtol=0, atol=0)

@@ -20,6 +20,7 @@ from trainer.optim._common import (
     check_grad,
     check_lr,
     check_weight_decay,
+    cpu_pieces,
     float_betas,
     group_by_device_dtype,
     new_step,
@@ -85,38 +86,49 @@ def adam_multi_tensor(
     maximize: bool,
     decoupled: bool,
 ) -> None:
-    """The same update with ``torch._foreach_*`` ops, one call per (device, dtype) bucket."""
+    """The same update with ``torch._foreach_*`` ops, per (device, dtype) bucket and CPU piece."""
     if not amsgrad:  # keep the lists parallel for grouping
         max_exp_avg_sqs = exp_avg_sqs
     buckets = group_by_device_dtype(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
-    for p, g, m, v, v_max, t in buckets.values():
-        if maximize:
-            g = torch._foreach_neg(g)  # a copy: we may now update it in place
+    for *tensors, t in buckets.values():
         torch._foreach_add_(t, 1.0)
-        if weight_decay != 0:
-            if decoupled:
-                torch._foreach_mul_(p, 1 - lr * weight_decay)
-            elif maximize:
-                torch._foreach_add_(g, p, alpha=weight_decay)
-            else:
-                g = torch._foreach_add(g, p, alpha=weight_decay)  # never write into .grad
-        torch._foreach_lerp_(m, g, 1 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, g, g, 1 - beta2)
-        if amsgrad:
-            torch._foreach_maximum_(v_max, v)
-            v = v_max
         bc1, bc2_sqrt = bias_corrections(t, beta1, beta2)
         # Fold sqrt(1 - beta2^t) into eps and the step size instead of dividing sqrt(v) by it:
         #   lr/bc1 * m / (sqrt(v)/bc2_sqrt + eps) == (lr*bc2_sqrt/bc1) * m / (sqrt(v) + eps*bc2_sqrt)
-        # which saves a full pass over the (largest) buffers each step.
-        denom = torch._foreach_sqrt(v)
-        if len(set(bc1)) == 1:  # the usual case: every parameter has taken the same number of steps
-            torch._foreach_add_(denom, eps * bc2_sqrt[0])
-            torch._foreach_addcdiv_(p, m, denom, -lr * bc2_sqrt[0] / bc1[0])
+        # which saves a full pass over the buffers each step.
+        step_sizes = [-lr * b / c for b, c in zip(bc2_sqrt, bc1)]
+        eps_hats = [eps * b for b in bc2_sqrt]
+        uniform = len(set(bc1)) == 1  # the usual case: every parameter took the same number of steps
+        for (p, g, m, v, v_max), owners in cpu_pieces(tensors):
+            if uniform:
+                step_size, eps_hat = step_sizes[0], eps_hats[0]
+            else:
+                step_size, eps_hat = [step_sizes[i] for i in owners], [eps_hats[i] for i in owners]
+            _adam_piece(p, g, m, v, v_max if amsgrad else None, step_size, eps_hat, lr=lr,
+                        beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,
+                        decoupled=decoupled)
+
+
+def _adam_piece(p, g, m, v, v_max, step_size, eps_hat, *, lr, beta1, beta2, weight_decay,
+                maximize, decoupled) -> None:
+    if maximize:
+        g = torch._foreach_neg(g)  # a copy: we may now update it in place
+    if weight_decay != 0:
+        if decoupled:
+            torch._foreach_mul_(p, 1 - lr * weight_decay)
+        elif maximize:
+            torch._foreach_add_(g, p, alpha=weight_decay)
         else:
-            torch._foreach_add_(denom, [eps * b for b in bc2_sqrt])
-            torch._foreach_addcdiv_(p, m, denom, [-lr * b / c for b, c in zip(bc2_sqrt, bc1)])
+            g = torch._foreach_add(g, p, alpha=weight_decay)  # never write into .grad
+    torch._foreach_lerp_(m, g, 1 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, g, g, 1 - beta2)
+    if v_max is not None:  # amsgrad
+        torch._foreach_maximum_(v_max, v)
+        v = v_max
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_add_(denom, eps_hat)
+    torch._foreach_addcdiv_(p, m, denom, step_size)
 
 
 def adam(*args: Any, foreach: bool, **kwargs: Any) -> None:

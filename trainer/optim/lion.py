@@ -18,6 +18,7 @@ from trainer.optim._common import (
     check_grad,
     check_lr,
     check_weight_decay,
+    cpu_pieces,
     float_betas,
     group_by_device_dtype,
     run_closure,
@@ -58,16 +59,22 @@ def lion_multi_tensor(
     weight_decay: float,
     maximize: bool,
 ) -> None:
-    """The same update with ``torch._foreach_*`` ops, one call per (device, dtype) bucket."""
-    for p, g, m in group_by_device_dtype(params, grads, exp_avgs).values():
-        if maximize:
-            g = torch._foreach_neg(g)
-        update = torch._foreach_lerp(m, g, 1 - beta1)
-        torch._foreach_sign_(update)
-        if weight_decay != 0:
-            torch._foreach_mul_(p, 1 - lr * weight_decay)
-        torch._foreach_add_(p, update, alpha=-lr)
-        torch._foreach_lerp_(m, g, 1 - beta2)
+    """The same update with ``torch._foreach_*`` ops, per (device, dtype) bucket and CPU piece."""
+    for tensors in group_by_device_dtype(params, grads, exp_avgs).values():
+        for (p, g, m), _ in cpu_pieces(tensors):
+            _lion_piece(p, g, m, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                        maximize=maximize)
+
+
+def _lion_piece(p, g, m, *, lr, beta1, beta2, weight_decay, maximize) -> None:
+    if maximize:
+        g = torch._foreach_neg(g)
+    update = torch._foreach_lerp(m, g, 1 - beta1)
+    torch._foreach_sign_(update)
+    if weight_decay != 0:
+        torch._foreach_mul_(p, 1 - lr * weight_decay)
+    torch._foreach_add_(p, update, alpha=-lr)
+    torch._foreach_lerp_(m, g, 1 - beta2)
 
 
 def lion(*args: Any, foreach: bool, **kwargs: Any) -> None:

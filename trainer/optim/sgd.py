@@ -13,6 +13,7 @@ from trainer.optim._common import (
     check_grad,
     check_lr,
     check_weight_decay,
+    cpu_pieces,
     group_by_device_dtype,
     run_closure,
     use_foreach,
@@ -58,43 +59,44 @@ def sgd_multi_tensor(
     nesterov: bool,
     maximize: bool,
 ) -> None:
-    """The same update with ``torch._foreach_*`` ops, one call per (device, dtype) bucket."""
-    index = list(range(len(params)))
-    for p, g, idx in group_by_device_dtype(params, grads, index).values():
-        if maximize:
-            g = torch._foreach_neg(g)  # a copy: we may now update it in place
-        if weight_decay != 0:
-            if maximize:
-                torch._foreach_add_(g, p, alpha=weight_decay)
-            else:
-                g = torch._foreach_add(g, p, alpha=weight_decay)  # never write into .grad
-        if momentum != 0:
-            bufs = _momentum_multi_tensor(g, [momentum_buffers[i] for i in idx], momentum, dampening)
-            for i, buf in zip(idx, bufs):
+    """The same update with ``torch._foreach_*`` ops, per (device, dtype) bucket and CPU piece."""
+    hp = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+              nesterov=nesterov, maximize=maximize)
+    if momentum != 0:
+        fresh = [i for i, buf in enumerate(momentum_buffers) if buf is None]
+        if fresh:  # a first step starts the buffers: rare, so the reference path does it
+            bufs = [None] * len(fresh)
+            sgd_single_tensor([params[i] for i in fresh], [grads[i] for i in fresh], bufs, **hp)
+            for i, buf in zip(fresh, bufs):
                 momentum_buffers[i] = buf
-            if nesterov:
-                # p -= lr * (g + momentum * buf), as two in-place adds: no temporary list
-                torch._foreach_add_(p, g, alpha=-lr)
-                torch._foreach_add_(p, bufs, alpha=-lr * momentum)
-                continue
-            g = bufs
-        torch._foreach_add_(p, g, alpha=-lr)
+            seen = set(fresh)
+            rest = [i for i in range(len(params)) if i not in seen]
+            params, grads = [params[i] for i in rest], [grads[i] for i in rest]
+            momentum_buffers = [momentum_buffers[i] for i in rest]  # updated in place below
+    lists = [params, grads, momentum_buffers] if momentum != 0 else [params, grads]
+    for tensors in group_by_device_dtype(*lists).values():
+        for pieces, _ in cpu_pieces(tensors):
+            _sgd_piece(*pieces, **hp)
 
 
-def _momentum_multi_tensor(
-    grads: list[Tensor], bufs: list[Tensor | None], momentum: float, dampening: float
-) -> list[Tensor]:
-    """buf = momentum * buf + (1 - dampening) * g; a missing buffer starts at g."""
-    fresh = [i for i, b in enumerate(bufs) if b is None]
-    old = [i for i, b in enumerate(bufs) if b is not None]
-    if old:
-        old_bufs = [bufs[i] for i in old]
-        torch._foreach_mul_(old_bufs, momentum)
-        torch._foreach_add_(old_bufs, [grads[i] for i in old], alpha=1 - dampening)
-    out = list(bufs)
-    for i in fresh:
-        out[i] = grads[i].detach().clone()
-    return out
+def _sgd_piece(p, g, bufs=None, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
+    if maximize:
+        g = torch._foreach_neg(g)  # a copy: we may now update it in place
+    if weight_decay != 0:
+        if maximize:
+            torch._foreach_add_(g, p, alpha=weight_decay)
+        else:
+            g = torch._foreach_add(g, p, alpha=weight_decay)  # never write into .grad
+    if bufs is not None:
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, g, alpha=1 - dampening)
+        if nesterov:
+            # p -= lr * (g + momentum * buf), as two in-place adds: no temporary list
+            torch._foreach_add_(p, g, alpha=-lr)
+            torch._foreach_add_(p, bufs, alpha=-lr * momentum)
+            return
+        g = bufs
+    torch._foreach_add_(p, g, alpha=-lr)
 
 
 def sgd(*args: Any, foreach: bool, **kwargs: Any) -> None:
