@@ -9,6 +9,7 @@ Runs that differ only by `seed` are grouped (mean ± std); unfinished runs are l
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from trainer.compare import CompareError, compare, to_csv, to_json, to_markdown, write_plots
@@ -35,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     render = to_csv if args.csv else to_json if args.json else to_markdown
-    print(render(rows, keys).rstrip("\n"))
+    try:
+        print(render(rows, keys).rstrip("\n"), flush=True)
+    except BrokenPipeError:  # `compare.py runs/ | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     if args.plot_dir:
         print(f"wrote {len(files)} plots to {args.plot_dir}", file=sys.stderr)
     return 0

@@ -349,3 +349,25 @@ def test_real_two_by_two_sweep(tmp_path, capsys):
     assert load_script().main([str(sweep)]) == 0
     table = capsys.readouterr().out.strip().splitlines()
     assert len(table) == 2 + 4
+
+
+@pytest.mark.parametrize("experiment, group, options", [
+    ("attention", "attn", ["naive", "online", "sdpa"]),
+    ("optimizers", "optim", ["sgd", "adam", "adamw", "lion"]),
+    ("precision", "precision", ["fp32", "bf16", "fp16"]),
+])
+def test_experiment_configs_sweep_existing_options(experiment, group, options):
+    from hydra import compose, initialize_config_dir
+
+    from trainer.config import register_resolvers
+
+    register_resolvers()
+    text = (REPO / "configs" / "experiment" / f"{experiment}.yaml").read_text()
+    assert text.startswith("# @package _global_\n")
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"+experiment={experiment}", "max_iters=7"],
+                      return_hydra_config=True)
+    assert cfg.hydra.sweeper.params == {group: ",".join(options)}
+    assert cfg.max_iters == 7  # run size stays an ordinary, overridable top-level key
+    for option in options:
+        assert (REPO / "configs" / group / f"{option}.yaml").is_file()
