@@ -381,7 +381,7 @@ def test_cpu_pieces_are_bit_identical(name, kwargs, monkeypatch):
     import trainer.optim._common as common
 
     results = []
-    for piece_numel in (1 << 40, 16):  # one piece; pieces of 16 elements, splitting (5, 3) and up
+    for piece_numel in (1 << 40, 4):  # one piece; pieces of 4 elements, splitting (7,) and up
         monkeypatch.setattr(common, "CPU_PIECE_NUMEL", piece_numel)
         params = make_params(torch.float32)
         run(getattr(ours, name)(params, foreach=True, **kwargs), params, 20)
