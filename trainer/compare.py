@@ -529,6 +529,8 @@ def _loss_plot(plt: Any, groups: Sequence[Group], keys: Sequence[str], by_time: 
         (line,) = ax.plot(x, losses.mean(axis=0), marker=".", label=_plot_label(group, keys))
         if len(group.runs) > 1:  # min–max over seeds
             ax.fill_between(x, losses.min(axis=0), losses.max(axis=0), color=line.get_color(), alpha=0.2)
+    if any(len(g.runs) > 1 for g in groups):
+        ax.set_title("mean over seeds; shaded: min–max", fontsize="small")
     ax.set_xlabel("wall-clock time since run start (s)" if by_time else "step")
     ax.set_ylabel("val loss")
     ax.grid(alpha=0.3)
