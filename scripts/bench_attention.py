@@ -5,6 +5,10 @@
     TRITON_INTERPRET=1 python scripts/bench_attention.py --include-flash --seq-lens 64 128
     python scripts/bench_attention.py --tflops               # CUDA only: TFLOP/s vs SDPA's flash backend
 
+On a CPU shared with other jobs, run with OMP_WAIT_POLICY=PASSIVE (or --threads 1): spinning
+OpenMP workers that lose their core make an implementation of many small ops (online) look 10x
+slower than it is, while a few big ops (naive) barely notice.
+
 Times are medians over ``--repeats`` runs, taken in this process with the implementations
 interleaved run by run. Memory is measured for every (implementation, T) point in a fresh
 subprocess so that its peak figure is its own: on CUDA ``torch.cuda.max_memory_allocated`` during one forward+backward, above what was
@@ -264,18 +268,24 @@ def plot(results: dict, args: argparse.Namespace) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError as e:
         raise SystemExit(f"--plot needs matplotlib: pip install -e .[plot] ({e})") from e
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     panels = (("fb_ms", "forward+backward ms"), ("saved", "MiB saved for backward"), ("peak", "peak memory MiB"))
     for ax, (key, label) in zip(axes, panels):
-        for impl in args.impls:
+        for i, impl in enumerate(args.impls):
             pts = [(T, results[(impl, T)][key]) for T in args.seq_lens if (impl, T) in results]
             if pts:
                 ts, ys = zip(*pts)
                 ys = [y / MIB for y in ys] if key != "fb_ms" else ys
-                ax.plot(ts, ys, marker="o", label=impl)
-        ax.set(xscale="log", yscale="log", xlabel="T", ylabel=label)
+                # distinct markers and dashes: online and sdpa save identical bytes, lines overlap
+                ax.plot(ts, ys, marker="os^D"[i % 4], linestyle=("-", "--", ":", "-.")[i % 4], label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(args.seq_lens, [str(t) for t in args.seq_lens], minor=False)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set(xlabel="T", ylabel=label)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.suptitle(f"attention B={args.batch} H={args.heads} D={args.head_dim} {args.dtype} {args.device}")
