@@ -11,8 +11,8 @@ slower than it is, while a few big ops (naive) barely notice.
 
 Times are medians over ``--repeats`` runs, taken in this process with the implementations
 interleaved run by run. Memory is measured for every (implementation, T) point in a fresh
-subprocess so that its peak figure is its own: on CUDA ``torch.cuda.max_memory_allocated`` during one forward+backward, above what was
-allocated before it; on CPU the process's peak RSS (VmHWM, reset through /proc/self/clear_refs)
+subprocess so that its peak figure is its own: on CUDA ``torch.cuda.max_memory_allocated``
+during one forward+backward, above what was allocated before it; on CPU the process's peak RSS (VmHWM, reset through /proc/self/clear_refs)
 during one forward+backward, minus its RSS just before (inputs already created, libraries warmed
 up by a tiny call). Both include the output and the input gradients, not only the activations.
 "Saved" is the bytes of the unique storages autograd keeps for backward, counted with

@@ -101,7 +101,10 @@ def test_non_contiguous_views_like_the_model(causal):
 
 
 def test_transposed_head_dim_view():
-    q, k, v = (t.detach().transpose(-2, -1).contiguous().transpose(-2, -1).requires_grad_() for t in make_qkv(1, 2, 33, 16))
+    # column-major (B, H, T, D) leaves: stride 1 along T, as after a transpose of (B, H, D, T)
+    base = [t.detach().transpose(-2, -1).contiguous() for t in make_qkv(1, 2, 33, 16)]
+    q, k, v = (t.transpose(-2, -1).requires_grad_() for t in base)
+    assert not q.is_contiguous()
     do = torch.randn(1, 2, 33, 16)
     got = out_and_grads(online_attention, q, k, v, do, block_size=8)
     ref = out_and_grads(reference, q, k, v, do)
