@@ -156,7 +156,9 @@ class OnlineAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal: bool, scale: float, block: int):
-        out, lse = _forward(q, k, v, causal, scale, block)
+        # autocast would run the tile matmuls in bf16/fp16 again; the fp32 accumulation is the point
+        with torch.autocast(q.device.type, enabled=False):
+            out, lse = _forward(q, k, v, causal, scale, block)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.scale, ctx.block = causal, scale, block
@@ -168,7 +170,8 @@ class OnlineAttentionFunction(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = _backward(dout, q, k, v, out, lse, dlse, ctx.causal, ctx.scale, ctx.block)
+        with torch.autocast(q.device.type, enabled=False):
+            dq, dk, dv = _backward(dout, q, k, v, out, lse, dlse, ctx.causal, ctx.scale, ctx.block)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 

@@ -87,6 +87,19 @@ def test_low_precision_error_at_most_twice_naive(dtype, B, H, T, D, causal, bloc
         assert err <= 2 * err_naive + SLACK[dtype], (name, err, err_naive)
 
 
+def test_autocast_does_not_lower_internal_precision():
+    # The trainer runs the model under bf16 autocast; the inputs arrive in bf16 and the kernel must
+    # still accumulate in fp32, i.e. give the same result as without autocast.
+    q, k, v = make_qkv(1, 2, 80, 32, dtype=torch.bfloat16, seed=4)
+    do = torch.randn(1, 2, 80, 32).to(torch.bfloat16)
+    plain = out_and_grads(online_attention, q, k, v, do, block_size=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = out_and_grads(online_attention, q, k, v, do, block_size=32)
+    for a, b in zip(auto, plain):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_non_contiguous_views_like_the_model(causal):
     # GPT splits one (B, T, 3C) projection and transposes to (B, H, T, D): strided views.
