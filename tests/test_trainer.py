@@ -202,3 +202,18 @@ def test_unknown_group_option_lists_the_available_ones():
 
     with pytest.raises(MissingConfigException, match="Available options"):
         compose_cfg(["attn=nonesuch"])
+
+
+def test_peak_memory_window_resets_between_runs_of_one_process():
+    import sys
+
+    from trainer.runlog import peak_memory_bytes, reset_peak_memory
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("peak RSS can only be reset on Linux")
+    cpu = torch.device("cpu")
+    big = torch.ones(64 * 2**20)  # 256 MiB, touched
+    del big
+    before = peak_memory_bytes(cpu)
+    reset_peak_memory(cpu)
+    assert peak_memory_bytes(cpu) < before - 200 * 2**20

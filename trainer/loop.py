@@ -23,7 +23,7 @@ from trainer.config import build
 from trainer.data import TokenData, check_block_size, get_batch, sample_offsets
 from trainer.distributed import all_reduce_mean, broadcast_object, init_distributed
 from trainer.precision import Precision
-from trainer.runlog import NullLogger, RunLogger, Timer, peak_memory_bytes
+from trainer.runlog import NullLogger, RunLogger, Timer, peak_memory_bytes, reset_peak_memory
 from trainer.schedule import lr_at
 
 
@@ -317,6 +317,7 @@ class Trainer:
     def fit(self) -> dict:
         """Train from ``self.step`` to ``max_iters``; returns the summary (also in summary.json)."""
         cfg, timer = self.cfg, Timer()
+        reset_peak_memory(self.device)
         max_iters, eval_interval = int(cfg.max_iters), int(cfg.eval_interval)
         self.log.hparams(self._hparams())
         self.log.message(

@@ -17,10 +17,30 @@ import torch
 SUMMARY = "summary.json"
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window, so each run of a sweep (one process) reports its own peak."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 resets the VmHWM (peak RSS) mark
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA: the allocator's peak; elsewhere: the process's peak resident set size."""
+    """CUDA: the allocator's peak; elsewhere: the process's peak resident set size since the last
+    ``reset_peak_memory`` (Linux), or over the process's life where that cannot be reset."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
 
