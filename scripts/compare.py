@@ -12,7 +12,8 @@ import argparse
 import os
 import sys
 
-from trainer.compare import CompareError, compare, to_csv, to_json, to_markdown, write_plots
+from trainer.compare import CompareError, compare, to_csv, to_json, to_markdown
+from trainer.compare_plots import write_plots
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 from trainer import compare as cmp
+from trainer.compare_plots import _aligned
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -300,7 +301,7 @@ def test_elapsed_time_is_relative_to_run_start(grid):
     root, curves = grid
     groups, _, _ = cmp.compare(root)
     group = next(g for g in groups if len(g.runs) == 2)
-    steps, times, losses = cmp._aligned(group)
+    steps, times, losses = _aligned(group)
     np.testing.assert_array_equal(steps, [25, 50, 75, 100])
     # fabricated events start at step 0 (train/loss) and advance 0.5 s per step
     np.testing.assert_allclose(times, np.tile(0.5 * steps, (2, 1)))

@@ -1,0 +1,101 @@
+"""Plots for :mod:`trainer.compare`: val loss against step and wall time, throughput and memory.
+
+Matplotlib is an optional extra (``pip install -e '.[plot]'``), imported only by :func:`write_plots`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from trainer.compare import CompareError, Group, _fmt, _mean, _std
+
+MATPLOTLIB_HINT = "matplotlib is not installed: pip install -e '.[plot]'"
+
+
+def _aligned(group: Group) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Val loss at the eval steps every run of the group logged: (steps, elapsed s, loss) per run."""
+    common = set.intersection(*(set(r.val.steps) for r in group.runs))
+    steps = np.array(sorted(common), dtype=float)
+    times, losses = [], []
+    for run in group.runs:
+        at = {s: (w, v) for s, w, v in zip(run.val.steps, run.val.wall, run.val.values)}
+        start = run.start_time or 0.0
+        times.append([at[s][0] - start for s in sorted(common)])
+        losses.append([at[s][1] for s in sorted(common)])
+    return steps, np.array(times).reshape(len(group.runs), -1), np.array(losses).reshape(len(group.runs), -1)
+
+
+def _plot_label(group: Group, keys: Sequence[str]) -> str:
+    run = group.runs[0]
+    if len(group.runs) > 1:
+        return f"{group.short_label(keys)} (n={len(group.runs)})"
+    return group.short_label(keys) + ("" if run.status == "completed" else f" ({run.status})")
+
+
+def _loss_plot(plt: Any, groups: Sequence[Group], keys: Sequence[str], by_time: bool, file: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for group in groups:
+        steps, times, losses = _aligned(group)
+        if steps.size == 0:
+            continue
+        x = times.mean(axis=0) if by_time else steps
+        (line,) = ax.plot(x, losses.mean(axis=0), marker=".", label=_plot_label(group, keys))
+        if len(group.runs) > 1:  # min–max over seeds
+            ax.fill_between(x, losses.min(axis=0), losses.max(axis=0), color=line.get_color(), alpha=0.2)
+    if any(len(g.runs) > 1 for g in groups):
+        ax.set_title("mean over seeds; shaded: min–max", fontsize="small")
+    ax.set_xlabel("wall-clock time since run start (s)" if by_time else "step")
+    ax.set_ylabel("val loss")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no val/loss logged yet", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(file, dpi=100)
+    plt.close(fig)
+
+
+def _resource_plot(plt: Any, groups: Sequence[Group], keys: Sequence[str], file: Path) -> None:
+    labels = [_plot_label(g, keys) for g in groups]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 1.5 + 0.5 * len(groups)), sharey=True)
+    for ax, metric, title in ((axes[0], "tokens_per_sec", "tokens/s"),
+                              (axes[1], "peak_mem_mb", "peak memory (MB)")):
+        values = [[getattr(r, metric) for r in g.runs] for g in groups]
+        means = [_mean(v) for v in values]
+        errs = [_std(v) or 0.0 for v in values]
+        ax.barh(labels, [m or 0.0 for m in means], xerr=errs, color="tab:blue", alpha=0.8)
+        for y, m in enumerate(means):
+            ax.text(m or 0.0, y, f" {_fmt(m, 0 if metric == 'tokens_per_sec' else 1)}", va="center",
+                    fontsize="small")
+        ax.set_title(title)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(file, dpi=100)
+    plt.close(fig)
+
+
+def write_plots(groups: Sequence[Group], out_dir: str | os.PathLike, keys: Sequence[str] = ()) -> list[Path]:
+    """Val loss vs step, val loss vs wall-clock time, and tokens/s + peak memory bars, as PNGs.
+
+    Lines and bars are labelled by the table's columns ``keys`` (run paths when empty)."""
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise CompareError(MATPLOTLIB_HINT) from err
+    matplotlib.use("Agg")  # files only: works without a display
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "val_loss_vs_step.png", out / "val_loss_vs_time.png", out / "throughput_memory.png"]
+    _loss_plot(plt, groups, keys, by_time=False, file=files[0])
+    _loss_plot(plt, groups, keys, by_time=True, file=files[1])
+    _resource_plot(plt, groups, keys, files[2])
+    return files
+
+
