@@ -66,7 +66,9 @@ def main(cfg: DictConfig) -> float | None:
             trainer.fail(e, "diverged" if isinstance(e, TrainingError) else "failed")
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        # OmegaConf appends "full_key: ... object_type=..." lines; the first line says it all
+        message = str(e).splitlines()[0] if isinstance(e, OmegaConfBaseException) else str(e)
+        print(f"error: {message}", file=sys.stderr, flush=True)
         if not multirun:  # a sweep goes on with its other runs; this one is marked failed
             raise SystemExit(1)
         return None

@@ -43,6 +43,7 @@ def test_run_dir_named_by_overrides_then_sample(tmp_path, tiny_overrides):
         (["model.n_embd=33"], "error: model.n_embd=33 is not divisible by model.n_head=2"),
         (["data.path=/no/such/file.txt"], "error: data.path=/no/such/file.txt does not exist"),
         (["block_size=64"], "error: block_size=64 exceeds the model's context"),
+        (["data.path=???"], "error: Missing mandatory value: data.path"),
         (["device=cuda"] if not torch.cuda.is_available() else ["device=nonsense"], "error: device="),
     ],
 )

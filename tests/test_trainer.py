@@ -156,6 +156,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_ove
         (["gradient_accumulation_steps=0"], ValueError, "gradient_accumulation_steps=0"),
         (["model.block_size=4096", "block_size=4096"], ValueError, "too large for the val split"),
         (["model.n_embd=33"], ValueError, "not divisible by model.n_head"),
+        (["max_iters=abc"], ValueError, r"max_iters='abc' must be an integer >= 0"),
+        (["log_interval=0"], ValueError, "log_interval=0 must be an integer >= 1"),
+        (["min_lr=-1e-4"], ValueError, r"min_lr=-0.0001 must be a number >= 0.0 or null"),
+        (["batch_size=2.5"], ValueError, "batch_size=2.5 must be an integer"),
     ],
 )
 def test_bad_settings_fail_before_training(tmp_path, tiny_overrides, extra, error, match):

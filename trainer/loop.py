@@ -83,11 +83,30 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # set-up
 
+    # top-level settings: (type, smallest allowed value, may be null)
+    _SETTINGS = {
+        "max_iters": (int, 0, False), "batch_size": (int, 1, False), "block_size": (int, 1, False),
+        "gradient_accumulation_steps": (int, 1, False), "eval_interval": (int, 0, False),
+        "eval_iters": (int, 1, False), "log_interval": (int, 1, False), "warmup_iters": (int, 0, False),
+        "lr_decay_iters": (int, 0, False), "sample_tokens": (int, 0, False), "seed": (int, 0, False),
+        "learning_rate": (float, 0.0, False), "min_lr": (float, 0.0, True), "grad_clip": (float, 0.0, False),
+    }
+
+    def _check_settings(self) -> None:
+        """Every numeric top-level key has the right type and range, or a one-line error names it."""
+        for key, (kind, lowest, nullable) in self._SETTINGS.items():
+            value = self.cfg.get(key)
+            if value is None and nullable:
+                continue
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = ok and (kind is float or float(value).is_integer()) and value >= lowest
+            if not ok:
+                what = "an integer" if kind is int else "a number"
+                raise ValueError(f"{key}={value!r} must be {what} >= {lowest}" + (" or null" if nullable else ""))
+
     def _check_batch_config(self) -> None:
         cfg = self.cfg
-        for key in ("max_iters", "batch_size", "block_size", "gradient_accumulation_steps", "eval_iters"):
-            if int(cfg[key]) < (0 if key == "max_iters" else 1):
-                raise ValueError(f"{key}={cfg[key]} must be a positive integer")
+        self._check_settings()
         if cfg.block_size > cfg.model.block_size:
             raise ValueError(
                 f"block_size={cfg.block_size} exceeds the model's context model.block_size={cfg.model.block_size}; "
