@@ -446,3 +446,181 @@ def test_fused_triton_compiles_for_h100():
         (k, d) for k in ("adamw_kernel", "lion_kernel") for d in ("fp32", "bf16")
     }
     assert all(r["cc"] == 90 and r["ptx_bytes"] > 0 and r["shared"] == 0 for r in rows)
+
+
+# --- torch 2.13 keyword arguments and the fused=True (Triton) path --------------------------
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the kernels run interpreted
+
+
+def fused_params(seed: int = 0) -> list[torch.Tensor]:
+    """fp32 params of several shapes; (1500,) spans two kernel blocks, the second masked."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen).to(DEVICE).requires_grad_() for s in SHAPES + [(1500,)]]
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_signature_and_defaults_match_torch(name):
+    """Every torch 2.13 argument exists here, of the same kind and default; same group keys."""
+    import inspect
+
+    ours_sig = inspect.signature(getattr(ours, name)).parameters
+    for arg, param in inspect.signature(getattr(torch.optim, name)).parameters.items():
+        assert arg in ours_sig, f"{name} lacks {arg}"
+        assert ours_sig[arg].kind == param.kind, arg
+        assert ours_sig[arg].default == param.default, arg
+    params = make_params(torch.float32)
+    assert getattr(ours, name)(params).defaults.keys() == getattr(torch.optim, name)(params).defaults.keys()
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("SGD", dict(differentiable=False, fused=None)),
+    ("SGD", dict(fused=False, momentum=0.9)),
+    ("Adam", dict(capturable=False, differentiable=False, fused=None)),
+    ("AdamW", dict(capturable=False, differentiable=False, fused=False)),
+    ("Lion", dict(fused=None)),
+    ("Lion", dict(fused=False)),
+])
+def test_torch_default_kwargs_keep_todays_path(name, kwargs):
+    plain, flagged = make_params(torch.float32), make_params(torch.float32)
+    base = {"momentum": 0.9} if "momentum" in kwargs else {}
+    run(getattr(ours, name)(plain, **base), plain, 5)
+    run(getattr(ours, name)(flagged, **kwargs), flagged, 5)
+    assert_close_lists(flagged, plain, rtol=0, atol=0)
+
+
+FUSED_BAD_ARGS = [
+    ("Adam", dict(capturable=True), "capturable=True is not supported by gptlab"),
+    ("AdamW", dict(differentiable=True), "differentiable=True is not supported by gptlab"),
+    ("SGD", dict(differentiable=True), "differentiable=True is not supported by gptlab"),
+    ("SGD", dict(fused=True), "SGD\\(fused=True\\) is not implemented.*use foreach=True"),
+    ("AdamW", dict(fused="yes"), "fused='yes'"),
+    ("AdamW", dict(fused=True, foreach=True), "fused=True and foreach=True"),
+    ("AdamW", dict(fused=True, amsgrad=True), "amsgrad"),
+    ("AdamW", dict(fused=True, maximize=True), "maximize"),
+    ("Adam", dict(fused=True, weight_decay=0.1), "weight_decay.*decoupled_weight_decay=True"),
+    ("Lion", dict(fused=True, maximize=True), "maximize"),
+    ("Lion", dict(fused=True, foreach=True), "fused=True and foreach=True"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,match", FUSED_BAD_ARGS)
+def test_unsupported_flags_raise_naming_the_argument(name, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        getattr(ours, name)(make_params(torch.float32), **kwargs)
+    # a param group may set them too
+    params = make_params(torch.float32)
+    with pytest.raises(ValueError, match=match):
+        getattr(ours, name)([{"params": params[:2]}, {"params": params[2:], **kwargs}])
+
+
+@pytest.mark.parametrize("name", ["AdamW", "Lion"])
+def test_fused_rejects_complex_and_float64_params(name):
+    with pytest.raises(ValueError, match="complex"):
+        getattr(ours, name)([torch.zeros(3, dtype=torch.complex64, device=DEVICE)], fused=True)
+    with pytest.raises(ValueError, match="float64"):
+        getattr(ours, name)([torch.zeros(3, dtype=torch.float64, device=DEVICE)], fused=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
+@pytest.mark.parametrize("name", ["AdamW", "Lion"])
+def test_fused_on_cpu_without_interpreter_raises(name, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"fused=True\) needs a CUDA device \(Triton kernel\).*foreach=True"):
+        getattr(ours, name)(make_params(torch.float32), fused=True)
+    # built under the interpreter, stepped without it: the step checks again, nothing falls back
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    params = make_params(torch.float32)
+    opt = getattr(ours, name)(params, fused=True)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        run(opt, params, 1)
+    assert_close_lists(params, before, rtol=0, atol=0)
+
+
+FUSED_CASES = [
+    ("AdamW", dict(lr=1e-2, weight_decay=0.1), dict(lr=3e-3, betas=(0.8, 0.99), weight_decay=0.0)),
+    ("Adam", dict(lr=1e-2, weight_decay=0.2, decoupled_weight_decay=True), dict(eps=1e-6)),
+    ("Adam", dict(lr=1e-2), dict(lr=3e-3)),  # no decay: L2 and decoupled agree
+    ("Lion", dict(lr=1e-3, weight_decay=0.5), dict(lr=3e-4, betas=(0.95, 0.98))),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,overrides", FUSED_CASES)
+def test_fused_step_matches_foreach(name, kwargs, overrides, monkeypatch):
+    """fused=True (the Triton kernels; interpreted on CPU) vs foreach=True, fp32, 10 steps."""
+    pytest.importorskip("triton")
+    from trainer.optim import fused_triton
+
+    calls = []  # the fused path must really launch the kernels (no silent fallback)
+    for fn in ("adamw_fused", "lion_fused"):
+        real = getattr(fused_triton, fn)
+        monkeypatch.setattr(fused_triton, fn, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    fused, ref = fused_params(), fused_params()
+    fused_opt = getattr(ours, name)(param_groups(fused, overrides), fused=True, **kwargs)
+    ref_opt = getattr(ours, name)(param_groups(ref, overrides), foreach=True, **kwargs)
+    run(fused_opt, fused, 10)  # parameter 1 has no gradient on step 3: it must be skipped
+    run(ref_opt, ref, 10)
+    assert len(calls) == 20  # 10 steps x 2 groups
+    # fp32 in both: only rounding order differs (lerp vs b*m + (1-b)*g, folded sqrt)
+    assert_close_lists(fused, ref, rtol=1e-5, atol=1e-6)
+    for p_fused, p_ref in zip(fused, ref):
+        assert fused_opt.state[p_fused].keys() == ref_opt.state[p_ref].keys()
+        for key, value in ref_opt.state[p_ref].items():
+            torch.testing.assert_close(fused_opt.state[p_fused][key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("direction", ["fused->foreach", "foreach->fused"])
+@pytest.mark.parametrize("name", ["AdamW", "Lion"])
+def test_state_dict_moves_between_fused_and_foreach(name, direction):
+    """10 steps on one path, save/load into the other, 10 more == 20 foreach steps."""
+    pytest.importorskip("triton")
+    first_path, second_path = ({"fused": True}, {"foreach": True})
+    if direction == "foreach->fused":
+        first_path, second_path = second_path, first_path
+    kwargs = dict(lr=1e-2, weight_decay=0.1)
+    straight = fused_params()
+    run(getattr(ours, name)(straight, foreach=True, **kwargs), straight, 20)
+
+    first = fused_params()
+    opt = getattr(ours, name)(first, **first_path, **kwargs)
+    run(opt, first, 10)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    resumed = [p.detach().clone().requires_grad_() for p in first]
+    opt = getattr(ours, name)(resumed, **second_path, **kwargs)
+    opt.load_state_dict(torch.load(buf, weights_only=True))
+    # the receiving optimizer keeps its own path (torch would take the saved fused/foreach)
+    assert {k: opt.param_groups[0][k] for k in ("foreach", "fused")} == {
+        "foreach": second_path.get("foreach"), "fused": second_path.get("fused")}
+    run(opt, resumed, 10, start=10)
+    assert_close_lists(resumed, straight, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_step_rechecks_a_loaded_state_dict():
+    """A saved amsgrad=True group loaded into a fused optimizer raises at the step, not silently."""
+    pytest.importorskip("triton")
+    src = ours.AdamW(make_params(torch.float32), amsgrad=True, foreach=True)
+    params = make_params(torch.float32)
+    opt = ours.AdamW(params, fused=True)
+    opt.load_state_dict(src.state_dict())
+    with pytest.raises(ValueError, match="amsgrad"):
+        run(opt, params, 1)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "Lion"])
+def test_state_dict_saved_before_the_new_keys_loads(name):
+    """Checkpoints written before fused/capturable/differentiable existed still load and step."""
+    params = make_params(torch.float32)
+    opt = getattr(ours, name)(params)
+    run(opt, params, 2)
+    state = opt.state_dict()
+    for group in state["param_groups"]:
+        for key in ("fused", "capturable", "differentiable"):
+            group.pop(key, None)
+    opt = getattr(ours, name)(params)
+    opt.load_state_dict(state)
+    assert opt.param_groups[0]["fused"] is None
+    run(opt, params, 2, start=2)

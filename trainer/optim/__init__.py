@@ -2,6 +2,9 @@
 
 Each class keeps state like torch.optim and calls a small functional update rule with two paths:
 a readable single-tensor reference and a multi-tensor ``torch._foreach_*`` path (``foreach=``).
+AdamW (and Adam with decoupled or no decay) and Lion also take ``fused=True``: one Triton kernel
+per parameter (fused_triton.py, imported only then). torch 2.13's other keywords (``capturable``,
+``differentiable``) are accepted at their defaults, so call sites swap in unchanged.
 """
 from trainer.optim.adam import Adam, AdamW, adam, adam_multi_tensor, adam_single_tensor
 from trainer.optim.lion import Lion, lion, lion_multi_tensor, lion_single_tensor

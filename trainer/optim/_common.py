@@ -1,12 +1,15 @@
 """Pieces every optimizer here shares: argument checks, gradient checks, foreach grouping."""
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from collections import defaultdict
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
 
 def as_float(value: float | Tensor) -> float:
@@ -42,6 +45,90 @@ def check_weight_decay(weight_decay: float | Tensor) -> None:
 def check_foreach(foreach: bool | None) -> None:
     if foreach is not None and not isinstance(foreach, bool):
         raise ValueError(f"Invalid foreach value: foreach={foreach!r} (must be None, True or False)")
+
+
+def check_fused(fused: bool | None) -> None:
+    if fused is not None and not isinstance(fused, bool):
+        raise ValueError(f"Invalid fused value: fused={fused!r} (must be None, True or False)")
+
+
+def check_not_supported(group: dict[str, Any], *keys: str) -> None:
+    """torch.optim flags we accept (at their defaults) so call sites swap in unchanged."""
+    for key in keys:
+        if group.get(key):
+            raise ValueError(
+                f"{key}={group[key]!r} is not supported by gptlab's optimizers (trainer.optim); "
+                f"leave {key}=False or use torch.optim"
+            )
+
+
+# Storage dtypes the fused Triton kernels handle (their math is fp32; float64 would lose precision).
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_fused_group(optimizer: str, group: dict[str, Any], unsupported: tuple[str, ...] = ()) -> None:
+    """Reject what the fused Triton step cannot do, naming the argument: never fall back silently.
+
+    Reads ``TRITON_INTERPRET`` now (construction and every fused step), not at import.
+    """
+    if not group["fused"]:
+        return
+    if group["foreach"]:
+        raise ValueError(f"{optimizer}: fused=True and foreach=True cannot be used together; pick one")
+    for key in unsupported:
+        if group.get(key):
+            raise ValueError(f"{optimizer}(fused=True) does not support {key}=True; use foreach=True")
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    for p in group["params"]:
+        if torch.is_complex(p):
+            raise ValueError(f"{optimizer}(fused=True) does not support complex parameters; use foreach=True")
+        if p.dtype not in FUSED_DTYPES:
+            raise ValueError(
+                f"{optimizer}(fused=True) supports float32, float16 and bfloat16 parameters, "
+                f"got {p.dtype}; use foreach=True"
+            )
+        if p.device.type != "cuda" and not (interpreted and p.device.type == "cpu"):
+            raise ValueError(
+                f"{optimizer}(fused=True) needs a CUDA device (Triton kernel), got a parameter on "
+                f"{p.device}; use foreach=True (or TRITON_INTERPRET=1 to run the kernel interpreted on CPU)"
+            )
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError(f"{optimizer}(fused=True) needs Triton installed (pip install triton); use foreach=True")
+
+
+def fused_kernels():
+    """The Triton kernels, imported on first use only: ``import trainer.optim`` never imports Triton."""
+    from trainer.optim import fused_triton
+
+    return fused_triton
+
+
+class PathKeepingOptimizer(Optimizer):
+    """Base of our optimizers: a loaded state dict keeps this optimizer's execution path.
+
+    torch.optim.Optimizer.load_state_dict takes every group key from the saved dict, ``foreach``
+    and ``fused`` included, so a checkpoint written by a fused (GPU) run would switch a foreach
+    (CPU) run to the Triton kernels. These keys choose how a step runs, not what it computes, and
+    all paths keep the same state layout, so we keep the receiving optimizer's values. Groups
+    saved before a key existed get its default.
+    """
+
+    PATH_DEFAULTS: dict[str, Any] = {
+        "foreach": None, "fused": None, "capturable": False, "differentiable": False,
+    }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, default in self.PATH_DEFAULTS.items():
+                if key in self.defaults:
+                    group.setdefault(key, default)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        kept = [{k: g[k] for k in self.PATH_DEFAULTS if k in g} for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, flags in zip(self.param_groups, kept):
+            group.update(flags)
 
 
 def float_betas(betas: Any) -> tuple[float, float]:

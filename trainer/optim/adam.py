@@ -10,18 +10,22 @@ from typing import Any, Iterable
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from trainer.optim._common import (
+    PathKeepingOptimizer,
     as_float,
     bias_corrections,
     check_eps,
     check_foreach,
+    check_fused,
+    check_fused_group,
     check_grad,
     check_lr,
     check_weight_decay,
+    check_not_supported,
     cpu_pieces,
     float_betas,
+    fused_kernels,
     group_by_device_dtype,
     new_step,
     run_closure,
@@ -136,12 +140,18 @@ def adam(*args: Any, foreach: bool, **kwargs: Any) -> None:
     (adam_multi_tensor if foreach else adam_single_tensor)(*args, **kwargs)
 
 
-class Adam(Optimizer):
+class Adam(PathKeepingOptimizer):
     """Adam with L2 weight decay (added to the gradient), bias correction and optional AMSGrad.
 
     Arguments and defaults mirror ``torch.optim.Adam``; ``decoupled_weight_decay=True`` gives AdamW.
     State per parameter: ``step`` (CPU scalar tensor), ``exp_avg``, ``exp_avg_sq`` and, with
     amsgrad, ``max_exp_avg_sq``, under the same names as torch so state dicts are interchangeable.
+
+    ``fused=True`` runs the step as one Triton kernel per parameter (trainer/optim/fused_triton.py):
+    CUDA tensors (or CPU ones under ``TRITON_INTERPRET=1``), float32/16/bf16, no amsgrad, maximize
+    or complex parameters, and decoupled weight decay (or none). The state layout is the same as
+    the other paths', so state dicts move between them. ``capturable`` and ``differentiable`` are
+    accepted at their default (False) only.
     """
 
     def __init__(
@@ -155,11 +165,16 @@ class Adam(Optimizer):
         *,
         foreach: bool | None = None,
         maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         decoupled_weight_decay: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=float_betas(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-            maximize=maximize, foreach=foreach, decoupled_weight_decay=decoupled_weight_decay,
+            maximize=maximize, foreach=foreach, capturable=capturable,
+            differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
         )
         super().__init__(params, defaults)
 
@@ -172,6 +187,21 @@ class Adam(Optimizer):
         check_eps(group["eps"])
         check_weight_decay(group["weight_decay"])
         check_foreach(group["foreach"])
+        check_not_supported(group, "capturable", "differentiable")
+        check_fused(group["fused"])
+        self._check_fused(group)
+
+    def _check_fused(self, group: dict[str, Any]) -> None:
+        """What the fused kernel cannot do raises; checked again each fused step (a loaded state
+        dict brings its own amsgrad/maximize/weight_decay)."""
+        name = type(self).__name__
+        check_fused_group(name, group, unsupported=("amsgrad", "maximize"))
+        if group["fused"] and not group["decoupled_weight_decay"] and as_float(group["weight_decay"]) != 0:
+            raise ValueError(
+                f"{name}(fused=True) does not support L2 weight_decay={group['weight_decay']} "
+                "(the kernel decays decoupled): set decoupled_weight_decay=True (AdamW), "
+                "weight_decay=0, or use foreach=True"
+            )
 
     def _gather(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
         """Collect the parameters that have gradients and their state, creating it on first use."""
@@ -203,10 +233,21 @@ class Adam(Optimizer):
         """Take one optimization step; ``closure`` re-evaluates the model and returns the loss."""
         loss = run_closure(closure)
         for group in self.param_groups:
+            if group["fused"]:
+                self._check_fused(group)
             lists = self._gather(group)
             if not lists[0]:
                 continue
             beta1, beta2 = group["betas"]
+            if group["fused"]:
+                params, grads, exp_avgs, exp_avg_sqs, _, steps = lists
+                # L2 decay was rejected unless it is 0, where it equals decoupled decay
+                fused_kernels().adamw_fused(
+                    params, grads, exp_avgs, exp_avg_sqs, steps, lr=as_float(group["lr"]),
+                    beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=as_float(group["weight_decay"]),
+                )
+                continue
             adam(
                 *lists,
                 foreach=use_foreach(group["foreach"], lists[0]),
@@ -239,8 +280,12 @@ class AdamW(Adam):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad,
-            foreach=foreach, maximize=maximize, decoupled_weight_decay=True,
+            foreach=foreach, maximize=maximize, capturable=capturable,
+            differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
         )

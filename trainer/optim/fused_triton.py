@@ -66,8 +66,8 @@ def _check(tensors: list[Tensor]) -> None:
     for t in tensors:
         if t.device.type != "cuda" and not interpreted:
             raise RuntimeError(
-                f"the fused Triton optimizer step needs CUDA tensors, got {t.device}; use the "
-                "foreach path (foreach=True) on CPU, or TRITON_INTERPRET=1 to debug the kernel"
+                f"fused=True needs a CUDA device (Triton kernel), got a tensor on {t.device}; use "
+                "foreach=True on CPU, or TRITON_INTERPRET=1 to debug the kernel"
             )
         if not t.is_contiguous():
             raise RuntimeError("the fused Triton optimizer step needs contiguous tensors")
@@ -84,6 +84,8 @@ def adamw_fused(
         t = step.item()
         bc2_sqrt = math.sqrt(1 - beta2**t)
         n = p.numel()
+        if n == 0:  # a grid of 0 programs is not a valid launch
+            continue
         adamw_kernel[(triton.cdiv(n, BLOCK),)](
             p, g, m, v, n, 1 - lr * weight_decay, beta1, beta2,
             -lr * bc2_sqrt / (1 - beta1**t), eps * bc2_sqrt, BLOCK=BLOCK,
@@ -98,6 +100,8 @@ def lion_fused(
     for p, g, m in zip(params, grads, exp_avgs):
         _check([p, g, m])
         n = p.numel()
+        if n == 0:
+            continue
         lion_kernel[(triton.cdiv(n, BLOCK),)](
             p, g, m, n, 1 - lr * weight_decay, lr, beta1, beta2, BLOCK=BLOCK,
         )

@@ -10,16 +10,19 @@ from typing import Any, Iterable
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from trainer.optim._common import (
+    PathKeepingOptimizer,
     as_float,
     check_foreach,
+    check_fused,
+    check_fused_group,
     check_grad,
     check_lr,
     check_weight_decay,
     cpu_pieces,
     float_betas,
+    fused_kernels,
     group_by_device_dtype,
     run_closure,
     use_foreach,
@@ -82,12 +85,13 @@ def lion(*args: Any, foreach: bool, **kwargs: Any) -> None:
     (lion_multi_tensor if foreach else lion_single_tensor)(*args, **kwargs)
 
 
-class Lion(Optimizer):
+class Lion(PathKeepingOptimizer):
     """Lion: sign of an interpolated momentum, decoupled weight decay, one state buffer.
 
     Use a learning rate 3-10x smaller and a weight decay 3-10x larger than for AdamW (the paper's
     advice: each step moves every coordinate by lr, a larger step than Adam's typical one).
-    State per parameter: ``exp_avg``.
+    State per parameter: ``exp_avg``. ``fused=True`` runs one Triton kernel per parameter (CUDA,
+    or CPU under ``TRITON_INTERPRET=1``; float32/16/bf16; no maximize), same state layout.
     """
 
     def __init__(
@@ -99,10 +103,11 @@ class Lion(Optimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=float_betas(betas), weight_decay=weight_decay, maximize=maximize,
-            foreach=foreach,
+            foreach=foreach, fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -114,6 +119,8 @@ class Lion(Optimizer):
         group["betas"] = float_betas(group["betas"])
         check_weight_decay(group["weight_decay"])
         check_foreach(group["foreach"])
+        check_fused(group["fused"])
+        check_fused_group(type(self).__name__, group, unsupported=("maximize",))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -121,6 +128,8 @@ class Lion(Optimizer):
         loss = run_closure(closure)
         name = type(self).__name__
         for group in self.param_groups:
+            if group["fused"]:  # again: a loaded state dict brings its own maximize
+                check_fused_group(name, group, unsupported=("maximize",))
             params, grads, exp_avgs = [], [], []
             for p in group["params"]:
                 if p.grad is None:
@@ -135,6 +144,12 @@ class Lion(Optimizer):
             if not params:
                 continue
             beta1, beta2 = group["betas"]
+            if group["fused"]:
+                fused_kernels().lion_fused(
+                    params, grads, exp_avgs, lr=as_float(group["lr"]), beta1=beta1, beta2=beta2,
+                    weight_decay=as_float(group["weight_decay"]),
+                )
+                continue
             lion(
                 params, grads, exp_avgs,
                 foreach=use_foreach(group["foreach"], params),

@@ -5,13 +5,15 @@ from typing import Any, Iterable
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from trainer.optim._common import (
+    PathKeepingOptimizer,
     as_float,
     check_foreach,
+    check_fused,
     check_grad,
     check_lr,
+    check_not_supported,
     check_weight_decay,
     cpu_pieces,
     group_by_device_dtype,
@@ -104,12 +106,13 @@ def sgd(*args: Any, foreach: bool, **kwargs: Any) -> None:
     (sgd_multi_tensor if foreach else sgd_single_tensor)(*args, **kwargs)
 
 
-class SGD(Optimizer):
+class SGD(PathKeepingOptimizer):
     """SGD with momentum, dampening, Nesterov momentum and L2 weight decay.
 
     Arguments and defaults mirror ``torch.optim.SGD`` (lr defaults to 1e-3 as in torch 2.13).
     With ``momentum != 0`` the state per parameter is ``momentum_buffer``, as in torch.
     Sparse gradients are rejected (torch.optim.SGD accepts them; our update rules are dense).
+    ``differentiable`` and ``fused`` are accepted at their defaults; there is no fused SGD kernel.
     """
 
     def __init__(
@@ -123,10 +126,13 @@ class SGD(Optimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, maximize=maximize, foreach=foreach,
+            differentiable=differentiable, fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -144,6 +150,10 @@ class SGD(Optimizer):
                 f"dampening={group['dampening']} (Nesterov needs momentum > 0 and dampening = 0)"
             )
         check_foreach(group["foreach"])
+        check_not_supported(group, "differentiable")
+        check_fused(group["fused"])
+        if group["fused"]:
+            raise ValueError("SGD(fused=True) is not implemented in gptlab's optimizers; use foreach=True")
 
     @torch.no_grad()
     def step(self, closure=None):
