@@ -192,7 +192,6 @@ def test_every_config_option_composes_and_instantiates(group, option):
     if group == "model":
         assert instantiate(cfg.model, vocab_size=65).n_layer == cfg.model.n_layer
     elif group == "attn":
-        q = torch.randn(1, 2, 3, 16)
         assert callable(instantiate(cfg.attn))
     elif group == "optim":
         opt = instantiate(cfg.optim)([torch.nn.Parameter(torch.zeros(2))])

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
