@@ -17,8 +17,9 @@ def check_qkv(
 ) -> None:
     """Raise ValueError unless q, k, v are same-device, same-dtype (B, H, T, D) floating tensors.
 
-    Keys and values may have a different length than queries (cross-attention), but causal
-    attention needs Tq == Tk: every implementation here aligns the causal mask on the diagonal.
+    Keys and values may have a different length than queries. With ``causal=True`` the mask is
+    aligned to the end of the keys (FlashAttention's convention): query ``i`` sees keys
+    ``j <= i + (Tk - Tq)``, so a query block appended after a KV cache sees the whole cache.
     """
     for label, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -28,7 +29,7 @@ def check_qkv(
                 f"{name}: {label} must have shape (B, H, T, D), got {t.dim()} dims {tuple(t.shape)}"
             )
         if t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{name}: {label} has dtype {t.dtype}; use float32, float16 or bfloat16")
+            raise ValueError(f"{name}: {label} has dtype {t.dtype}; use float32, float16, bfloat16 or float64")
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"{name}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one dtype")
     if q.device != k.device or q.device != v.device:
@@ -39,11 +40,16 @@ def check_qkv(
         raise ValueError(
             f"{name}: q {tuple(q.shape)} and k {tuple(k.shape)} must agree on B, H and D"
         )
-    if causal and q.shape[2] != k.shape[2]:
-        raise ValueError(
-            f"{name}: causal=True needs as many queries as keys (Tq={q.shape[2]}, Tk={k.shape[2]}); "
-            "pass causal=False for cross-attention"
-        )
+
+
+def causal_mask(tq: int, tk: int, device=None) -> torch.Tensor:
+    """(Tq, Tk) boolean mask, True where query i may attend key j: ``j <= i + (Tk - Tq)``.
+
+    End-aligned, as in FlashAttention: with a KV cache the new queries see every cached key. A
+    query row with no visible key (only when Tq > Tk) outputs zeros.
+    """
+    i = torch.arange(tq, device=device)[:, None]
+    return torch.arange(tk, device=device)[None, :] <= i + (tk - tq)
 
 
 def resolve_scale(scale: float | None, head_dim: int) -> float:

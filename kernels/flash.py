@@ -43,6 +43,8 @@ def _kernels():
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
     check_qkv(q, k, v, causal, "flash_attention")
+    if causal and q.shape[-2] != k.shape[-2]:  # TODO(kv-cache): end-aligned causal mask not implemented here yet
+        raise ValueError(f"flash_attention: causal=True with Tq={q.shape[-2]} != Tk={k.shape[-2]} is not supported yet")
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"flash_attention: dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS:

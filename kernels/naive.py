@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._checks import check_qkv, resolve_scale
+from kernels._checks import causal_mask, check_qkv, resolve_scale
 
 
 def naive_attention(
@@ -16,9 +16,11 @@ def naive_attention(
     check_qkv(q, k, v, causal, "naive_attention")
     scale = resolve_scale(scale, q.shape[-1])
     att = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
-    if causal:
-        t = q.shape[-2]
-        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    if causal:  # end-aligned: query i sees keys j <= i + (Tk - Tq)
+        mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
         att = att.masked_fill(~mask, float("-inf"))
+        if q.shape[-2] > k.shape[-2]:  # rows that see no key output 0 (softmax of all -inf is nan)
+            empty = ~mask.any(-1, keepdim=True)  # (Tq, 1)
+            return (torch.softmax(att.masked_fill(empty, 0.0), dim=-1) @ v).masked_fill(empty, 0.0)
     att = torch.softmax(att, dim=-1)
     return att @ v  # (B, H, Tq, D)

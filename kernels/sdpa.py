@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._checks import check_qkv
+from kernels._checks import causal_mask, check_qkv
 
 
 def sdpa_attention(
@@ -12,4 +12,7 @@ def sdpa_attention(
 ) -> torch.Tensor:
     """torch.nn.functional.scaled_dot_product_attention with our interface."""
     check_qkv(q, k, v, causal, "sdpa_attention")
+    tq, tk = q.shape[-2], k.shape[-2]
+    if causal and tq != tk:  # SDPA's is_causal aligns to the top-left; ours aligns to the end
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(tq, tk, q.device), scale=scale)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)

@@ -58,8 +58,11 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, ddp_override
                                 f"hydra.run.dir={b}"], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     pa, pb = params(a), params(b)
+    # Gloo's all-reduce sums the two halves in another order than one process does; Adam divides
+    # by sqrt(v), so on near-zero gradients that rounding shows up as ~1e-5 in the weights. Wrong
+    # data would move weights by about lr (3e-3) per step, far above this bound.
     for name in pa:
-        torch.testing.assert_close(pa[name], pb[name], rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(pa[name], pb[name], rtol=0, atol=1e-4, msg=name)
 
 
 def test_resume_under_two_ranks_continues_the_trajectory(tmp_path, ddp_overrides):
