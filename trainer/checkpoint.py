@@ -11,12 +11,10 @@ from pathlib import Path
 
 import torch
 
+from trainer.errors import CheckpointError  # noqa: F401  (re-exported: ckpt.CheckpointError)
+
 LAST = "ckpt_last.pt"
 BEST = "ckpt_best.pt"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used, with the reason and the remedy."""
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:

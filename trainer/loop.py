@@ -20,15 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 from models import GPT, GPTConfig
 from trainer import checkpoint as ckpt
 from trainer.config import build
+from trainer.errors import TrainingError  # noqa: F401  (scripts/train.py imports it from here)
 from trainer.data import TokenData, check_block_size, get_batch, sample_offsets
 from trainer.distributed import all_reduce_mean, broadcast_object, init_distributed
 from trainer.precision import Precision
 from trainer.runlog import NullLogger, RunLogger, Timer, peak_memory_bytes, reset_peak_memory
 from trainer.schedule import lr_at
-
-
-class TrainingError(RuntimeError):
-    """A run that had to stop (diverged, bad resume); the message says why and what is kept."""
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -1,0 +1,31 @@
+"""User-facing errors: one base class, so the CLI can tell a user's mistake from a bug.
+
+``scripts/train.py`` prints a ``UserError`` as one ``error: ...`` line and exits; any other
+exception keeps its traceback (a bug in a kernel or in the trainer must never look like a typo).
+Each message says what is wrong and how to fix it. This module imports nothing, so every layer
+(kernels included) can raise these without pulling in the trainer.
+"""
+
+
+class UserError(Exception):
+    """Something the user can fix: a setting, a file, a checkpoint, the environment."""
+
+
+class ConfigError(UserError, ValueError):
+    """A setting that is missing, of the wrong type, out of range, or inconsistent with another."""
+
+
+class DataError(UserError, ValueError):
+    """Unusable data (missing, empty, not text, wrong format), with the remedy."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be used, with the reason and the remedy."""
+
+
+class TrainingError(UserError, RuntimeError):
+    """A run that had to stop (diverged, bad resume); the message says why and what is kept."""
+
+
+class UnavailableError(UserError, RuntimeError):
+    """A component that cannot run here (e.g. the Triton flash kernel on a CPU without the interpreter)."""
