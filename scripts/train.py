@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, ValidationError
 
 from trainer.config import register_resolvers
-from trainer.errors import TrainingError, UserError
+from trainer.errors import OutputError, TrainingError, UserError
 from trainer.rundir import check_creatable
 
 register_resolvers()
@@ -91,7 +91,10 @@ def main(cfg: DictConfig) -> float | None:
     try:
         trainer = Trainer(cfg, run_dir, overrides)
         if _DEFERRED_RECORDS and trainer.dist.is_main:
-            _write_hydra_records(trainer, hc)
+            try:
+                _write_hydra_records(trainer, hc)
+            except OSError as e:
+                raise OutputError(f"cannot write {trainer.run_dir / '.hydra'}: {e.strerror or e}") from e
         summary = trainer.fit()
         if summary.get("status") == "interrupted":
             raise SystemExit(trainer.exit_code)  # 130 after Ctrl-C, 143 after SIGTERM

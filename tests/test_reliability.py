@@ -131,7 +131,7 @@ def test_second_trainer_on_a_locked_run_directory_is_refused_with_the_holder_pid
     (tmp_path / "run").mkdir()
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; from trainer.rundir import RunLock; "
-         "RunLock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)", str(tmp_path / "run")],
+         "lock = RunLock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)", str(tmp_path / "run")],
         stdout=subprocess.PIPE, text=True,
     )
     try:
@@ -289,3 +289,25 @@ def test_resume_keeps_the_val_curve_continuous_and_the_best_consistent(tmp_path,
     assert summary["best_val_loss"] == pytest.approx(best, rel=1e-6)
     assert ckpt_state(run, ckpt.BEST)["best_val_loss"] == pytest.approx(best, rel=1e-6)
     assert math.isfinite(summary["final_val_loss"])
+
+
+def test_resume_config_rules():
+    from omegaconf import OmegaConf
+
+    from trainer.config import resume_config
+    from trainer.errors import ConfigError
+
+    saved = OmegaConf.to_container(compose_cfg(["optim=lion", "max_iters=100", "lr_decay_iters=50"]), resolve=True)
+    # only the named keys change; lr_decay_iters was pinned in the saved run, so it stays
+    cfg, changes = resume_config(saved, compose_cfg(["resume=true", "max_iters=200"]), ["resume=true", "max_iters=200"])
+    assert cfg.optim._target_ == "trainer.optim.Lion" and cfg.max_iters == 200 and cfg.lr_decay_iters == 50
+    assert changes == ["max_iters: 100 -> 200"]
+    # a group choice replaces the group; learning_rate follows optim.lr as it did in the saved run
+    cfg, changes = resume_config(saved, compose_cfg(["optim=sgd"]), ["optim=sgd"])
+    assert cfg.optim._target_ == "trainer.optim.SGD" and cfg.learning_rate == cfg.optim.lr != saved["learning_rate"]
+    assert any(c.startswith("optim._target_:") for c in changes) and any(c.startswith("learning_rate:") for c in changes)
+    # the process's own settings come from this command without counting as changes
+    cfg, changes = resume_config(saved, compose_cfg(["device=cpu"]), ["device=cpu"])
+    assert cfg.device == "cpu" and changes == []
+    with pytest.raises(ConfigError, match="cannot be applied on resume"):
+        resume_config(saved, compose_cfg(["+experiment=optimizers"]), ["+experiment=optimizers"])

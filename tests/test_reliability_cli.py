@@ -171,3 +171,41 @@ def test_checkpoint_path_that_is_a_directory_is_one_error_line(tmp_path, tiny_ov
     line = one_error_line(run([*tiny_overrides, "max_iters=2", f"hydra.run.dir={run_dir}"], tmp_path))
     assert "ckpt_last.pt is a directory" in line
     assert not list(Path(run_dir).glob("*.tmp"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes in /proc")
+def test_ctrl_c_in_a_terminal_under_torchrun_saves_once_on_every_rank(tmp_path, tiny_overrides):
+    """A terminal's Ctrl-C reaches torchrun and its workers, and torchrun forwards it once more."""
+    run_dir = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN,
+           *tiny_overrides, "max_iters=100000", "gradient_accumulation_steps=2", *QUIET, f"hydra.run.dir={run_dir}"]
+    proc = start(cmd, tmp_path)
+    try:
+        wait_for_step(proc, 3, 100000)
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: the whole process group
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stops = [ln for ln in err.splitlines() if "stopped by SIGINT at step" in ln]
+    assert len(stops) == 2 and len({ln.rsplit(" ", 1)[1] for ln in stops}) == 1, err[-3000:]
+    assert "KeyboardInterrupt" not in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["stopped_by"] == "SIGINT"
+    assert torch.load(run_dir / "ckpt_last.pt", weights_only=True)["step"] == summary["step"]
+
+
+def test_stop_signals_repeat_window():
+    from trainer.distributed import DistInfo
+    from trainer.signals import REPEAT_WINDOW_S, StopSignals
+
+    with StopSignals(DistInfo()) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # a forwarded copy, right behind: the same request
+        time.sleep(0.05)
+        assert stop.requested() and stop.exit_code == 143
+        time.sleep(REPEAT_WINDOW_S + 0.1)
+        with pytest.raises(KeyboardInterrupt):  # a real second Ctrl-C
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -222,12 +222,8 @@ def resume_config(saved: dict, composed, overrides: list[str]) -> tuple:
             OmegaConf.update(base, key, _resolved(composed, key), merge=False)
         changed.add(key)
     _follow_interpolations(base, saved, composed, changed)
-    for key in RUNTIME_KEYS:  # this process's settings
-        value = OmegaConf.select(composed, key, default=None)
-        if value is not None or OmegaConf.select(base, key, default=None) is not None:
-            OmegaConf.update(base, key, _resolved(composed, key), merge=False)
-    for key in composed:  # settings added to configs/train.yaml since the run was saved
-        if key not in base:
+    for key in composed:  # this process's settings, and settings added to train.yaml since the run
+        if key in RUNTIME_KEYS or key not in base:
             base[key] = _resolved(composed, key)
     return base, _differences(_flat(saved), _flat(OmegaConf.to_container(base)))
 
@@ -244,15 +240,12 @@ def _follow_interpolations(base, saved: dict, composed, changed: set[str]) -> No
     def under(key: str) -> bool:
         return any(key == c or key.startswith(c + ".") for c in changed)
 
-    for key in composed:
-        if key in changed or key in RUNTIME_KEYS:
+    raw, saved_cfg = OmegaConf.to_container(composed, resolve=False), OmegaConf.create(saved)
+    for key, value in raw.items():
+        m = re.fullmatch(r"\$\{([\w.]+)\}", value) if isinstance(value, str) else None
+        if key in changed or key in RUNTIME_KEYS or not m or not under(m.group(1)):
             continue
-        raw = OmegaConf.to_container(composed, resolve=False).get(key)
-        m = re.fullmatch(r"\$\{([\w.]+)\}", raw) if isinstance(raw, str) else None
-        if not m or not under(m.group(1)):
-            continue
-        source = OmegaConf.select(OmegaConf.create(saved), m.group(1), default=None)
-        if saved.get(key) == source:  # the saved run had it following too
+        if saved.get(key) == OmegaConf.select(saved_cfg, m.group(1), default=None):  # it followed in the saved run
             base[key] = _resolved(composed, key)
 
 

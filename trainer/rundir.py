@@ -66,8 +66,11 @@ class RunLock:
         except OSError as e:
             holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(self._fd)
+            self._fd = None
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise OutputError(f"cannot lock run directory {run_dir}: {os_reason(e)}") from e
+            if holder == str(os.getpid()):
+                holder += ", this process: another Trainer on this directory is still alive"
             raise OutputError(
                 f"run directory {run_dir} is in use by another training process (PID {holder}); wait for it to "
                 "finish or stop it, or use another directory"
@@ -76,9 +79,11 @@ class RunLock:
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
     def release(self) -> None:
-        if self._fd is not None:
+        if getattr(self, "_fd", None) is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+
+    __del__ = release  # a Trainer dropped without finishing (in-process use) frees its directory
 
 
 def run_files(run_dir: Path) -> list[str]:

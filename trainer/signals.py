@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -16,6 +17,9 @@ import torch.distributed as dist
 from trainer.distributed import DistInfo
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
+# torchrun forwards the Ctrl-C it receives to workers that got it from the terminal too: a copy
+# that close behind the first is the same request, not a second Ctrl-C
+REPEAT_WINDOW_S = 1.0
 
 
 class StopSignals:
@@ -24,6 +28,7 @@ class StopSignals:
     def __init__(self, info: DistInfo):
         self.info = info
         self.signum: int | None = None
+        self._first = 0.0
         self._previous: dict[int, object] = {}
         self._group = None
 
@@ -42,15 +47,16 @@ class StopSignals:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
         if self.signum is None:
-            self.signum = signum
-        if signum == signal.SIGINT:  # a second Ctrl-C stops at once; a repeated SIGTERM changes nothing
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.signum, self._first = signum, now
+        elif signum == signal.SIGINT and now - self._first > REPEAT_WINDOW_S:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once; a repeated SIGTERM changes nothing
 
     def request(self, signum: int = signal.SIGINT) -> None:
         """What a signal does, callable from code (tests, a time limit)."""
         if self.signum is None:
-            self.signum = signum
+            self.signum, self._first = signum, time.monotonic()
 
     def requested(self) -> bool:
         """Whether any rank was asked to stop; a collective under torchrun (call it on every rank)."""
