@@ -174,8 +174,7 @@ class Trainer:
         self.best_val_loss = float(state.get("best_val_loss", math.inf))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.last_eval = state.get("eval")
-        if Path(path).resolve().parent == self.run_dir.resolve():
-            self.good_checkpoint = Path(path)
+        self.good_checkpoint = Path(path)  # never written by this run until it saves its own
         return notes
 
     # ------------------------------------------------------------------------------------------
