@@ -66,9 +66,10 @@ def online_softmax(x: torch.Tensor, dim: int = -1, block_size: int = DEFAULT_SOF
     l = torch.zeros_like(m)  # running normalizer: sum of exp(x - m) over the blocks seen so far
     for start in range(0, xt.shape[-1], block_size):  # read 1: m and l
         x_j = xt[..., start : start + block_size]
-        m_new = torch.maximum(m, x_j.amax(dim=-1))
+        m_new = torch.maximum(m, x_j.amax(dim=-1))  # m' = max(m, max(x_j))
         m_ref = _finite(m_new)  # a row with only -inf so far: subtract 0, not -inf (no -inf - -inf)
-        l = l * torch.exp(m - m_ref) + torch.exp(x_j - m_ref[..., None]).sum(dim=-1)
+        alpha = torch.exp(m - m_ref)  # <= 1: moves the sum so far from the old max to the new one
+        l = alpha * l + torch.exp(x_j - m_ref[..., None]).sum(dim=-1)  # l' = alpha l + sum exp(x - m')
         m = m_new
     inv_l = torch.where(l > 0, 1.0 / l, 0.0)  # l == 0 only for fully masked rows: zeros, not 0/0
     p = torch.exp(xt - _finite(m)[..., None]) * inv_l[..., None]  # read 2: normalize

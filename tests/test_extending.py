@@ -1,13 +1,13 @@
 """README's "Add your own attention or optimizer": the registry, the configs, and the two-file path.
 
-A researcher's attention function and optimizer, in a module outside this package, plus one YAML
-each in their own config directory, train through scripts/train.py without editing the package.
+README's attention function and YAML (plus a toy optimizer), in a module and a config directory
+outside this package, train through scripts/train.py without editing the package.
 """
 import json
 import os
+import re
 import subprocess
 import sys
-import textwrap
 
 import hydra
 import pytest
@@ -46,25 +46,16 @@ def test_attention_preset_sweeps_every_option_that_runs_on_a_cpu():
     assert swept.value().filter(options) == [name for name in options if name != "flash"]
 
 
-TOY_MODULE = '''
-"""A researcher's own components, in a module of their own (not in this package)."""
-import torch
+def readme_blocks(lang: str) -> list[str]:
+    """The ```lang code blocks of README's "Add your own attention or optimizer" section."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Add your own attention or optimizer", 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"```{lang}\n(.*?)```", section, flags=re.S)
 
 
-def scaled_attention(q, k, v, causal=True, scale=None, temperature=1.0, log_path=None):
-    """softmax(q k^T * scale / temperature + end-aligned causal mask) v."""
-    if log_path is not None:  # lets the test see that the trainer called this function
-        with open(log_path, "a") as f:
-            f.write(f"{tuple(q.shape)} {tuple(k.shape)}\\n")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = q @ k.transpose(-2, -1) * (scale / temperature)
-    if causal:
-        tq, tk = q.shape[-2], k.shape[-2]
-        i = torch.arange(tq, device=q.device)[:, None]
-        j = torch.arange(tk, device=q.device)
-        s = s.masked_fill(j > i + (tk - tq), float("-inf"))
-    return torch.softmax(s, dim=-1) @ v
-
+# Added to README's module by the test: a toy optimizer, and a wrapper that logs each call so the
+# test sees the trainer use the function (an extra keyword from the command line: +attn.log_path=).
+TEST_ADDITIONS = '''
 
 class SignSGD(torch.optim.Optimizer):
     """p -= lr * sign(grad): a whole optimizer in a few lines."""
@@ -78,35 +69,48 @@ class SignSGD(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     p.mul_(1 - group["lr"] * group["weight_decay"]).add_(p.grad.sign(), alpha=-group["lr"])
+
+
+_readme_attention = scaled_attention
+
+
+def scaled_attention(q, k, v, causal=True, scale=None, log_path=None, **kwargs):
+    with open(log_path, "a") as f:
+        f.write(f"{tuple(q.shape)} {tuple(k.shape)}\\n")
+    return _readme_attention(q, k, v, causal=causal, scale=scale, **kwargs)
 '''
 
 
 @pytest.fixture
 def toy_components(tmp_path):
-    """A module on PYTHONPATH and a config directory with attn/scaled.yaml and optim/signsgd.yaml."""
+    """README's module (plus TEST_ADDITIONS) on PYTHONPATH; README's YAML in a config directory."""
+    (module,) = readme_blocks("python")
+    (attn_yaml,) = readme_blocks("yaml")
+    assert attn_yaml.startswith("# my_configs/attn/scaled.yaml\n")
     src = tmp_path / "src"
     src.mkdir()
-    (src / "my_components.py").write_text(textwrap.dedent(TOY_MODULE))
+    (src / "my_components.py").write_text(module + TEST_ADDITIONS)
     cfg_dir = tmp_path / "my_configs"
     (cfg_dir / "attn").mkdir(parents=True)
     (cfg_dir / "optim").mkdir()
-    (cfg_dir / "attn" / "scaled.yaml").write_text(
-        "_target_: my_components.scaled_attention\n_partial_: true\ntemperature: 2.0\nlog_path: null\n")
+    (cfg_dir / "attn" / "scaled.yaml").write_text(attn_yaml)
     (cfg_dir / "optim" / "signsgd.yaml").write_text(
         "_target_: my_components.SignSGD\n_partial_: true\nlr: 1.0e-3\nweight_decay: 0.0\n")
     return src, cfg_dir
 
 
-def test_toy_attention_matches_the_reference(toy_components, monkeypatch):
-    # the toy is a real attention: with temperature t it equals the reference at scale / t
+def test_readme_attention_matches_the_reference(toy_components, monkeypatch):
+    # README's example is a real attention: with temperature t it equals the reference at scale / t,
+    # causal with a KV cache included
     src, _ = toy_components
     monkeypatch.syspath_prepend(str(src))
-    from my_components import scaled_attention
+    from my_components import _readme_attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 2, t, 8, generator=g, dtype=torch.float64) for t in (5, 9, 9))
     want = attention_f64(q, k, v, causal=True, scale=8**-0.5 / 2.0)
-    torch.testing.assert_close(scaled_attention(q, k, v, temperature=2.0), want)
+    torch.testing.assert_close(_readme_attention(q, k, v, temperature=2.0), want)
+    torch.testing.assert_close(_readme_attention(q, k, v, causal=False), attention_f64(q, k, v, causal=False))
 
 
 def test_own_attention_and_optimizer_train_through_train_py(tmp_path, tiny_overrides, toy_components):
@@ -115,7 +119,7 @@ def test_own_attention_and_optimizer_train_through_train_py(tmp_path, tiny_overr
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
     env.pop("HYDRA_FULL_ERROR", None)
     args = [TRAIN, f"hydra.searchpath=[file://{cfg_dir}]", "attn=scaled", "optim=signsgd",
-            f"attn.log_path={log}", *tiny_overrides, "max_iters=2", "eval_interval=0", "sample_tokens=0"]
+            f"+attn.log_path={log}", *tiny_overrides, "max_iters=2", "eval_interval=0", "sample_tokens=0"]
     proc = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
