@@ -209,6 +209,9 @@ def test_bad_input_raises_value_error():
         online_attention(q, k[..., :8], v)  # mismatched shapes
     with pytest.raises(ValueError, match="block_size"):
         online_attention(q, k, v, block_size=0)
+    # the message lists every accepted dtype, float64 included (gradcheck runs in float64)
+    with pytest.raises(ValueError, match="use float32, float16, bfloat16 or float64"):
+        online_attention(*(t.detach().long() for t in (q, k, v)))
 
 
 def test_hydra_config_builds_online_attention():
