@@ -1,15 +1,12 @@
 """Compare training runs: read run directories, group seeds, summarize.
 
-A run directory, as ``scripts/train.py`` writes it, holds ``config.yaml`` (the resolved config),
-``summary.json`` (status, end-of-run numbers and the command-line overrides), ``.hydra/`` (Hydra's
-record of the overrides and group choices) and TensorBoard event files. A table's columns are the
-overridden keys whose value is not the same in every run: what the user varied, named as they
-named it (``optim``, ``optim.lr``). Runs whose resolved configs differ only by ``seed`` are
-replicates: one row with mean ± sample std (ddof=1). Only completed runs are grouped; an incomplete,
-failed or diverged run keeps its own row, so a crash can never hide inside a mean.
-
-Tables: :mod:`trainer.compare_table`; best setting per component, p-values and time to a target
-loss: :mod:`trainer.compare_best`; plots: :mod:`trainer.compare_plots`.
+A run directory (``scripts/train.py``) holds ``config.yaml`` (the resolved config), ``summary.json``
+(status, end-of-run numbers, the command-line overrides), ``.hydra/`` and TensorBoard events. The
+columns are the overridden keys whose value is not the same in every run: what the user varied,
+named as they named it (``optim``, ``optim.lr``). Completed runs whose configs differ only by
+``seed`` share a row (mean ± sample std); any other run keeps its own, so a crash never hides in
+a mean. Rendering: :mod:`trainer.compare_table`; best lr, p-values, time to target:
+:mod:`trainer.compare_best`; plots: :mod:`trainer.compare_plots`.
 """
 from __future__ import annotations
 
@@ -19,6 +16,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -79,7 +77,7 @@ class Run:
         if self.status == "completed":
             return "completed"
         step, total = self.step, self.summary.get("max_iters", self.config.get("max_iters"))
-        return f"{self.status} (step {_or_missing(step)}/{_or_missing(total)})"
+        return f"{self.status} (step {_cell(step, MISSING)}/{_cell(total, MISSING)})"
 
     @property
     def val(self) -> Curve:
@@ -100,9 +98,9 @@ class Run:
         elapsed = max(ends) - self.start_time if ends and self.start_time is not None else None
         wall = self.summary.get("wall_time_s") if self.status != "incomplete" else None
         return {
-            "final_val_loss": self._pick("final_val_loss", "val/loss", _last, True),
+            "final_val_loss": self._pick("final_val_loss", "val/loss", itemgetter(-1), True),
             "best_val_loss": self._pick("best_val_loss", "val/loss", _best, True),
-            "final_val_bpb": self._pick("final_val_bpb", "val/bpb", _last, True),
+            "final_val_bpb": self._pick("final_val_bpb", "val/bpb", itemgetter(-1), True),
             "best_val_bpb": self._pick("best_val_bpb", "val/bpb", _best, True),
             "tokens_per_sec": self._pick("tokens_per_sec", "tokens_per_sec", np.mean, False),
             "mfu": self._pick("mfu", "mfu", np.mean, False),
@@ -111,17 +109,9 @@ class Run:
         }
 
 
-def _last(values: list[float]) -> float:
-    return values[-1]
-
-
 def _best(values: list[float]) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return min(finite) if finite else values[-1]
-
-
-def _or_missing(value: Any) -> Any:
-    return MISSING if value is None else value
 
 
 # --------------------------------------------------------------------------------------- reading
@@ -297,8 +287,8 @@ def _display(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _cell(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+def _cell(value: Any, none: str = "None") -> str:
+    return none if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def compare(root: str | os.PathLike, all_keys: bool = False
