@@ -143,11 +143,13 @@ def _sample(pieces: Iterator[Piece], limit: int) -> Iterator[str]:
     """The first ``limit`` bytes of the training split: local BPE never trains on the whole corpus."""
     seen = 0
     for p in pieces:
-        if seen >= limit:
+        if p.split != "train":
+            continue
+        if seen + p.nbytes >= limit:
+            yield p.text[: max(limit - seen, 0)]  # characters for bytes: close enough for a sample
             return
-        if p.split == "train":
-            seen += p.nbytes
-            yield p.text
+        seen += p.nbytes
+        yield p.text
 
 
 # ---------------------------------------------------------------------------------------------

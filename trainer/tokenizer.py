@@ -195,11 +195,11 @@ class TiktokenTokenizer:
         try:
             return cls(tiktoken.get_encoding(name), registered=True)
         except Exception as e:
-            reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}" if str(e) else type(e).__name__
             raise DataError(
-                f"cannot load tiktoken's {name!r} encoding ({reason}): it is downloaded on first use and cached "
-                "in $TIKTOKEN_CACHE_DIR. Without internet, copy that cache from a machine that has it "
-                "(TIKTOKEN_CACHE_DIR=/path), or pass GPT-2's Hugging Face tokenizer.json with data.tokenizer_path=..."
+                f"cannot load tiktoken's {name!r} encoding ({reason}); tiktoken downloads it once into "
+                "$TIKTOKEN_CACHE_DIR. Offline: set TIKTOKEN_CACHE_DIR to a copy of that cache from a machine that "
+                "has it, or give GPT-2's Hugging Face tokenizer.json (data.tokenizer_path=... / --tokenizer-path)"
             ) from None
 
     @classmethod
