@@ -158,16 +158,19 @@ def _sample(pieces: Iterator[Piece], limit: int) -> Iterator[str]:
 
 def prepare(pieces_fn: Callable[[], Iterator[Piece]], out: str | os.PathLike, settings: dict, *,
             total_bytes: int | None = None, workers: int | None = None, progress: bool = True,
-            chunk_bytes: int = CHUNK_BYTES) -> Path:
+            chunk_bytes: int = CHUNK_BYTES, tokenizer: Tokenizer | None = None) -> Path:
     """Tokenize the source into ``out`` (unless it already holds this exact preparation).
 
     ``pieces_fn()`` streams the source (called twice for char/bpe: vocabulary, then encoding);
     ``settings`` holds everything that changes the output (tokenizer, vocab_size, tokenizer_path,
     val_fraction, bpe_sample_bytes, shard_tokens, source); it is stored in meta.json and compared
-    when the directory is found prepared.
+    when the directory is found prepared. ``tokenizer``: an already built one (benchmarks, tests),
+    used instead of the one ``settings`` names.
     """
     out = Path(os.path.expanduser(str(out)))
-    check_settings(settings["tokenizer"], settings.get("vocab_size"), settings["val_fraction"], settings.get("tokenizer_path"))
+    if tokenizer is None:
+        check_settings(settings["tokenizer"], settings.get("vocab_size"), settings["val_fraction"],
+                       settings.get("tokenizer_path"))
     settings = {"format": FORMAT, **settings}
     with directory_lock(out):
         done = finished_meta(out)
@@ -179,7 +182,7 @@ def prepare(pieces_fn: Callable[[], Iterator[Piece]], out: str | os.PathLike, se
         _start_fresh(out)
         if workers is None:
             workers = (os.cpu_count() or 1) if (total_bytes is None or total_bytes >= SMALL_SOURCE) else 0
-        tok = make_tokenizer(settings["tokenizer"], pieces_fn, settings.get("vocab_size"), settings.get("tokenizer_path"),
+        tok = tokenizer or make_tokenizer(settings["tokenizer"], pieces_fn, settings.get("vocab_size"), settings.get("tokenizer_path"),
                              int(settings.get("bpe_sample_bytes") or 100_000_000), workers, progress, total_bytes)
         counts = _encode(pieces_fn, tok, out, int(settings["shard_tokens"]), workers, progress, total_bytes, chunk_bytes)
         save_tokenizer(tok, out / "tokenizer.json")

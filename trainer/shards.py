@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from trainer.errors import DataError
 
@@ -227,8 +226,11 @@ def as_tokens(ids) -> Tokens:
     return ids if isinstance(ids, Tokens) else Tokens([np.asarray(ids)])
 
 
-def sample_window_starts(ids, block_size: int, count: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` random window starts, uniform over every window that fits inside one shard."""
+def sample_window_starts(ids, block_size: int, count: int, generator):
+    """``count`` random window starts (a torch int64 tensor), uniform over every window that fits
+    inside one shard; ``generator`` is a seeded ``torch.Generator``."""
+    import torch  # here, not at the top: tokenizing workers import this module and need no torch
+
     tokens = as_tokens(ids)
     n = tokens.num_windows(block_size)
     if n < 1:

@@ -46,7 +46,7 @@ def expand_paths(path: str | os.PathLike) -> list[Path]:
     matches = sorted(Path(m) for m in glob.glob(text, recursive=True) if Path(m).is_file())
     if matches:
         return matches
-    raise DataError(f"{path} does not exist; point data.path (or prepare.py's SOURCE) at a text/JSONL/Parquet file, a directory or a glob")
+    raise DataError(f"data.path={path} does not exist; point it (or prepare.py's SOURCE) at a text/JSONL/Parquet file, a directory or a glob")
 
 
 def source_kind(files: list[Path]) -> str:
