@@ -22,7 +22,7 @@ from trainer import checkpoint as ckpt
 from trainer.config import build
 from trainer.errors import TrainingError  # noqa: F401  (scripts/train.py imports it from here)
 from trainer.data import TokenData, check_block_size, eval_window_count, eval_window_starts, get_batch, sample_offsets
-from trainer.distributed import all_reduce_mean, broadcast_object, init_distributed
+from trainer.distributed import broadcast_object, init_distributed
 from trainer.precision import Precision
 from trainer.runlog import NullLogger, RunLogger, Timer, peak_memory_bytes, reset_peak_memory
 from trainer.schedule import lr_at
