@@ -417,9 +417,9 @@ def test_best_by_picks_each_components_best_lr(lr_sweep):
     assert lion["target_reached"] == "3/3" and lion["steps_to_target"] == pytest.approx(75)
     assert sgd["target_reached"] == "0/1" and sgd["steps_to_target"] is None
     never = [n for n in notes if n.startswith("never reached val loss 1.96")]
-    assert never == ["never reached val loss 1.96: optim=adamw,optim.lr=0.001,seed=1 (best 1.9700)",
-                     "never reached val loss 1.96: optim=sgd,optim.lr=0.3,seed=0 (best 1.9700)"]
-    assert any("optim=sgd,optim.lr=1.0,seed=0 (diverged (step 40/100))" in n for n in notes)
+    assert never == ["never reached val loss 1.96: optim=adamw, optim.lr=0.001, seed=1 (best 1.9700)",
+                     "never reached val loss 1.96: optim=sgd, optim.lr=0.3, seed=0 (best 1.9700)"]
+    assert any("optim=sgd, optim.lr=1, seed=0 (diverged (step 40/100))" in n for n in notes)
     assert any("(adamw: 3, lion: 2, sgd: 2)" in n for n in notes)  # settings tried per optimizer
 
 
@@ -473,6 +473,20 @@ def test_baseline_without_best_by_and_bad_flags(lr_sweep, capsys):
         assert script.main([str(lr_sweep), *bad]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_best_by_names_a_component_with_no_completed_run(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for optim, status in [("adamw", "completed"), ("sgd", "diverged")]:
+        overrides = [f"optim={optim}"]
+        make_run(root, overrides[0], make_config(optim=optim), {"val/loss": val_curve([3.0, 2.5])},
+                 done(status=status, step=50), overrides=overrides)
+    assert load_script().main([str(root), "--best-by", "optim", "--target", "2.0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + 1 + 1 + 4 and lines[2].startswith("| optim=adamw | adamw |")
+    assert lines[-3:] == ["- not considered (no finite final val loss): optim=sgd, seed=0 (diverged (step 50/100))",
+                          "- no completed run for optim = sgd",
+                          "- never reached val loss 2: optim=adamw, seed=0 (best 2.5000)"]
 
 
 def test_bpb_and_mfu_columns_only_when_logged(tmp_path, capsys):

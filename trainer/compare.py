@@ -207,6 +207,17 @@ def table_keys(runs: Sequence[Run], all_keys: bool = False) -> list[str]:
     return [k for k in keys if k not in NOT_SETUP and len({_hashable(r.value(k)) for r in configured}) > 1]
 
 
+def setting(run: Run, key: str) -> str:
+    """A run's value for ``key`` as a table shows it (``AdamW`` for ``trainer.optim.AdamW``)."""
+    return _cell(_display(run.value(key)))
+
+
+def run_name(run: Run, keys: Sequence[str]) -> str:
+    """``optim=lion, optim.lr=0.003, seed=1``: the table's columns and the seed; else the path."""
+    seed = [f"seed={run.config['seed']}"] if "seed" in run.config else []
+    return ", ".join([f"{k}={setting(run, k)}" for k in keys] + seed) if keys else run.rel
+
+
 @dataclass
 class Group:
     """Runs that differ only by seed (or a single run)."""
@@ -215,8 +226,7 @@ class Group:
     values: dict[str, Any]
 
     def setting(self, key: str) -> str:
-        """The group's value for ``key`` as a table shows it (``AdamW`` for ``trainer.optim.AdamW``)."""
-        return _cell(_display(self.runs[0].value(key)))
+        return setting(self.runs[0], key)
 
     def short_label(self, keys: Sequence[str]) -> str:
         """``attn=naive, optim=adamw`` from the table's columns; the run path(s) when there are none."""
