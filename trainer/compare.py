@@ -212,12 +212,6 @@ def setting(run: Run, key: str) -> str:
     return _cell(_display(run.value(key)))
 
 
-def run_name(run: Run, keys: Sequence[str]) -> str:
-    """``optim=lion, optim.lr=0.003, seed=1``: the table's columns and the seed; else the path."""
-    seed = [f"seed={run.config['seed']}"] if "seed" in run.config else []
-    return ", ".join([f"{k}={setting(run, k)}" for k in keys] + seed) if keys else run.rel
-
-
 @dataclass
 class Group:
     """Runs that differ only by seed (or a single run)."""

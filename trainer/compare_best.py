@@ -14,9 +14,15 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from trainer.compare import CompareError, Group, Run, mean_std, run_name, sort_rows, summarize
+from trainer.compare import CompareError, Group, Run, mean_std, setting, sort_rows, summarize
 from trainer.compare_table import _fmt
 from trainer.stats import welch_t_test
+
+
+def run_name(run: Run, keys: Sequence[str]) -> str:
+    """``optim=lion, optim.lr=0.003, seed=1``: the table's columns and the seed; else the path."""
+    seed = [f"seed={run.config['seed']}"] if "seed" in run.config else []
+    return ", ".join([f"{k}={setting(run, k)}" for k in keys] + seed) if keys else run.rel
 
 
 def run_lr(run: Run) -> float | None:
