@@ -500,8 +500,13 @@ def test_bpb_and_mfu_columns_only_when_logged(tmp_path, capsys):
     make_run(root, "running", make_config("sdpa", seed=1),
              {"val/loss": val_curve([2.6]), "val/bpb": val_curve([3.6]), "mfu": [(10, 0.3), (20, 0.4)]},
              {"status": "running", "step": 0, "mfu": None, "final_val_bpb": None}, overrides=["attn=sdpa"])
+    # the data pipeline's summary key for the last eval's bpb is val_bpb: read as the final one
+    make_run(root, "new_no_events", make_config("sdpa", max_iters=50), {}, done(val_bpb=3.0, best_val_bpb=2.9),
+             overrides=["attn=sdpa", "max_iters=50"])
     _, rows, _ = cmp.compare(root)
-    new, old, running = rows
+    assert rows[-1]["run"] == "new_no_events"  # no val loss: last
+    assert (rows[-1]["final_val_bpb"], rows[-1]["best_val_bpb"]) == (3.0, 2.9)
+    new, old, running = rows[:3]
     assert new["final_val_bpb"] == pytest.approx(3.1) and new["best_val_bpb"] == pytest.approx(3.1)
     assert new["mfu"] == 0.25  # the summary's number wins over the curve's mean (0.35)
     assert (old["final_val_bpb"], old["best_val_bpb"], old["mfu"]) == (None, None, None)
@@ -509,11 +514,13 @@ def test_bpb_and_mfu_columns_only_when_logged(tmp_path, capsys):
     assert load_script().main([str(root)]) == 0
     lines = capsys.readouterr().out.splitlines()
     header = lines[0].strip("| ").split(" | ")
-    assert header[5:9] == ["final val bpb", "best val bpb", "steps", "tokens/s"] and "MFU (%)" in header
-    cells = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ") for line in lines[2:]}
+    bpb = header.index("final val bpb")
+    assert header[bpb - 2:bpb + 4] == ["final val loss", "best val loss", "final val bpb", "best val bpb", "steps",
+                                       "tokens/s"] and "MFU (%)" in header
+    cells = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ") for line in lines[2:6]}
     mfu = header.index("MFU (%)")
-    assert cells["new"][5:7] == ["3.1000", "3.1000"] and cells["new"][mfu] == "25.0"
-    assert cells["old"][5:7] == ["-", "-"] and cells["old"][mfu] == "-"
+    assert cells["new"][bpb:bpb + 2] == ["3.1000", "3.1000"] and cells["new"][mfu] == "25.0"
+    assert cells["old"][bpb:bpb + 2] == ["-", "-"] and cells["old"][mfu] == "-"
 
 
 # ------------------------------------------------------------------------- Student t and Welch
