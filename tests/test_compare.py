@@ -487,7 +487,7 @@ def test_best_by_names_a_component_with_no_completed_run(tmp_path, capsys):
     assert len(lines) == 2 + 1 + 1 + 4 and lines[2].startswith("| optim=adamw | adamw |")
     assert lines[-3:] == ["- not considered (no finite final val loss): optim=sgd, seed=0 "
                           "(diverged (step 50/100))", "- no completed run for optim = sgd",
-                          "- never reached val loss 2: optim=adamw, seed=0 (best 2.5000)"]
+                          "- never reached val loss 2.0: optim=adamw, seed=0 (best 2.5000)"]
 
 
 def test_bpb_and_mfu_columns_only_when_logged(tmp_path, capsys):
