@@ -4,9 +4,9 @@
     python scripts/sweep_optim_lr.py --out runs/optimizers_lr [--jobs 2] [--optims adamw,muon]
 
 Stage 1 runs each optimizer (configs/optim/*.yaml) over a log-spaced grid of lrs, its config's lr
-times ``--grid`` (default 1/4 .. 4 in factors of 2), at the first seed. If the best lr is at an end
+times ``--grid`` (default 10^-0.5, 1, 10^0.5: half a decade apart), at the first seed. If the best lr is at an end
 of the grid, the grid grows by one point on that side (up to ``--extend`` times). Stage 2 runs the
-other seeds at each optimizer's best lr, then at its two neighbours. Every run is an ordinary
+other seeds at each optimizer's best lr (and, with ``--neighbours``, at the lrs beside it). Every run is an ordinary
 ``scripts/train.py +experiment=optimizers_lr optim=<o> optim.lr=<lr> seed=<s>`` run under
 ``--out``, so ``scripts/compare.py --best-by optim`` reads the directory; runs already there are
 skipped, so an interrupted sweep resumes where it stopped. Extra arguments after ``--`` are passed
@@ -68,10 +68,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "optimizers_lr")
     parser.add_argument("--optims", default=",".join(sorted(p.stem for p in (REPO / "configs" / "optim").glob("*.yaml"))))
-    parser.add_argument("--grid", default="0.25,0.5,1,2,4", help="multiples of each config's lr, ascending")
+    parser.add_argument("--grid", default="0.316,1,3.16", help="multiples of each config's lr, ascending")
     parser.add_argument("--seeds", default="1337,1338,1339", help="stage 1 uses the first")
     parser.add_argument("--extend", type=int, default=1, help="grid points to add where the best lr is at an end")
-    parser.add_argument("--neighbours", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--neighbours", action=argparse.BooleanOptionalAction, default=False,
                         help="stage 2 also replicates the lrs next to the best")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each uses OMP_NUM_THREADS threads)")
     args, extra = parser.parse_known_args()
