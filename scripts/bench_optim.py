@@ -9,8 +9,9 @@ of ours to it: how a change to the optimizers moved their speed, measured under 
 
 Each optimizer kind builds every implementation on the same parameters and gradients, then
 interleaves single steps (A B C A B C ...) so machine noise hits all of them alike; the table reports the
-median step time over all rounds and the ratio to torch.optim's foreach implementation (Lion, which
-torch lacks, is compared with our foreach AdamW).
+median step time over all rounds and the ratio to torch.optim's foreach implementation (its only
+one for Muon; Lion, which torch lacks, is compared with our foreach AdamW), with the per-round
+ratios in brackets.
 """
 from __future__ import annotations
 
@@ -93,9 +94,10 @@ def implementations(kind: str, params: list[torch.Tensor], device: torch.device)
         impls["old foreach"] = getattr(BASELINE, kind)(params, foreach=True, **kwargs)
         impls["old single"] = getattr(BASELINE, kind)(params, foreach=False, **kwargs)
     if torch_cls is not None:
-        if kind != "Muon":
+        if kind == "Muon":  # torch's Muon has one path
+            impls["torch single"] = torch_cls(params, **kwargs)
+        else:
             impls["torch foreach"] = torch_cls(params, foreach=True, **kwargs)
-        impls["torch single"] = torch_cls(params, **({} if kind == "Muon" else {"foreach": False}), **kwargs)
         try:  # fused kernels exist for some (optimizer, device) pairs only
             fused = torch_cls(params, fused=True, **kwargs)
             fused.step()

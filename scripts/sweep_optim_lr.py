@@ -8,8 +8,9 @@ times ``--grid`` (default 10^-0.5, 1, 10^0.5: half a decade apart), at the first
 of the grid, the grid grows by one point on that side (up to ``--extend`` times). Stage 2 runs the
 other seeds at each optimizer's best lr (and, with ``--neighbours``, at the lrs beside it). Every run is an ordinary
 ``scripts/train.py +experiment=optimizers_lr optim=<o> optim.lr=<lr> seed=<s>`` run under
-``--out``, so ``scripts/compare.py --best-by optim`` reads the directory; runs already there are
-skipped, so an interrupted sweep resumes where it stopped. Extra arguments after ``--`` are passed
+``--out``, so ``scripts/compare.py --best-by optim`` reads the directory. Finished runs are
+skipped, so an interrupted sweep resumes where it stopped; a run directory that exists without a
+summary is taken to be another driver's run and waited for (delete it to rerun a crashed run). Extra arguments after ``--`` are passed
 to every run (e.g. ``-- max_iters=1000``).
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,16 +39,38 @@ def run_dir(out: Path, optim: str, lr: float, seed: int) -> Path:
 
 
 def final_loss(path: Path) -> float | None:
+    """None while the run has not ended (the trainer rewrites summary.json at every eval);
+    inf for a run that ended without a finite final loss."""
     summary = path / "summary.json"
     if not summary.exists():
         return None
-    value = json.loads(summary.read_text()).get("final_val_loss")
+    summary = json.loads(summary.read_text())
+    if summary.get("status") in (None, "running"):
+        return None
+    value = summary.get("final_val_loss")
     return float(value) if value is not None and math.isfinite(value) else math.inf
+
+
+def claim(path: Path) -> bool:
+    """Make the run's directory; False if it exists already (another driver has the run)."""
+    try:
+        path.mkdir(parents=True)
+        return True
+    except FileExistsError:
+        return False
+
+
+def wait_for(path: Path, timeout_s: float = 3600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while final_loss(path) is None and time.monotonic() < deadline:
+        time.sleep(10)
 
 
 def train(out: Path, optim: str, lr: float, seed: int, extra: list[str], log: Path) -> float | None:
     path = run_dir(out, optim, lr, seed)
-    if final_loss(path) is None:
+    if final_loss(path) is None and not claim(path):
+        wait_for(path)  # another driver started it (two drivers may share --out)
+    elif final_loss(path) is None:
         cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "+experiment=optimizers_lr", f"optim={optim}",
                f"optim.lr={lr:.3g}", f"seed={seed}", f"hydra.run.dir='{path}'", *extra]
         with open(log, "a") as f:
