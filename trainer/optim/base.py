@@ -44,7 +44,7 @@ class Range:
             if v is None and self.optional:
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float, Tensor)) or not self.ok(as_float(v)):
-                raise ValueError(f"Invalid {name}: {name}={_show(value)} (must be {self})")
+                raise ValueError(f"Invalid {LABELS.get(name, name)}: {name}={_show(value)} (must be {self})")
 
     def __str__(self) -> str:
         parts = []
@@ -53,6 +53,11 @@ class Range:
         if self.high < math.inf:
             parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
         return " and ".join(parts) or "a number"
+
+
+# torch.optim's wording for the common ones, so messages read the same as torch's
+LABELS = {"lr": "learning rate", "eps": "epsilon value", "betas": "beta parameter",
+          "weight_decay": "weight_decay value", "momentum": "momentum value"}
 
 
 def at_least(low: float) -> Range:
