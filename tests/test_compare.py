@@ -605,7 +605,6 @@ def test_real_two_by_two_sweep(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("experiment, group, options", [
-    ("attention", "attn", ["naive", "online", "sdpa"]),
     ("optimizers", "optim", ["sgd", "adam", "adamw", "lion"]),
     ("precision", "precision", ["fp32", "bf16", "fp16"]),
 ])
