@@ -302,6 +302,13 @@ def test_resume_config_rules():
     cfg, changes = resume_config(saved, compose_cfg(["resume=true", "max_iters=200"]), ["resume=true", "max_iters=200"])
     assert cfg.optim._target_ == "trainer.optim.Lion" and cfg.max_iters == 200 and cfg.lr_decay_iters == 50
     assert changes == ["max_iters: 100 -> 200"]
+    # chains are followed: max_iters -> lr_decay_iters -> schedule.decay_iters, as in a fresh run
+    followed = OmegaConf.to_container(compose_cfg(["max_iters=100"]), resolve=True)
+    cfg, changes = resume_config(followed, compose_cfg(["max_iters=200"]), ["max_iters=200"])
+    assert cfg.lr_decay_iters == 200 and cfg.schedule.decay_iters == 200
+    assert "schedule.decay_iters: 100 -> 200" in changes
+    cfg, _ = resume_config(followed, compose_cfg(["warmup_iters=0"]), ["warmup_iters=0"])
+    assert cfg.schedule.warmup_iters == 0
     # a group choice replaces the group; learning_rate follows optim.lr as it did in the saved run
     cfg, changes = resume_config(saved, compose_cfg(["optim=sgd"]), ["optim=sgd"])
     assert cfg.optim._target_ == "trainer.optim.SGD" and cfg.learning_rate == cfg.optim.lr != saved["learning_rate"]

@@ -236,17 +236,25 @@ def _resolved(cfg, key: str):
 
 
 def _follow_interpolations(base, saved: dict, composed, changed: set[str]) -> None:
-    """``learning_rate: ${optim.lr}`` keeps following ``optim.lr`` when the latter changed."""
+    """A setting that is an interpolation of a changed one (``lr_decay_iters: ${max_iters}``,
+    ``schedule.decay_iters: ${lr_decay_iters}``) follows it, as in a fresh run, when it followed it
+    in the saved run too; chains are followed to the end."""
     def under(key: str) -> bool:
         return any(key == c or key.startswith(c + ".") for c in changed)
 
-    raw, saved_cfg = OmegaConf.to_container(composed, resolve=False), OmegaConf.create(saved)
-    for key, value in raw.items():
-        m = re.fullmatch(r"\$\{([\w.]+)\}", value) if isinstance(value, str) else None
-        if key in changed or key in RUNTIME_KEYS or not m or not under(m.group(1)):
-            continue
-        if saved.get(key) == OmegaConf.select(saved_cfg, m.group(1), default=None):  # it followed in the saved run
-            base[key] = _resolved(composed, key)
+    links = {path: m.group(1) for path, value in _flat(OmegaConf.to_container(composed, resolve=False)).items()
+             if isinstance(value, str) and (m := re.fullmatch(r"\$\{([\w.]+)\}", value))}
+    flat_saved = _flat(saved)
+    followed = True
+    while followed:
+        followed = False
+        for path, source in links.items():
+            if under(path) or path.split(".")[0] in RUNTIME_KEYS or not under(source):
+                continue
+            if flat_saved.get(path) == flat_saved.get(source):  # it followed in the saved run
+                OmegaConf.update(base, path, _resolved(composed, path), merge=False)
+                changed.add(path)
+                followed = True
 
 
 def _flat(tree, prefix: str = "") -> dict:
