@@ -75,7 +75,7 @@ def test_sigterm_saves_marks_interrupted_exits_143_and_the_printed_command_resum
     done = run([*args[2:], f"max_iters={state['step'] + 2}"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["step"] == state["step"] + 2
-    assert "changed: max_iters" in done.stdout
+    assert f"max_iters: 100000 -> {state['step'] + 2}" in done.stdout  # the resume lists what changed
 
 
 def _children(pid):
