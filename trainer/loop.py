@@ -23,7 +23,7 @@ from trainer.config import build
 from trainer.errors import TrainingError  # noqa: F401  (scripts/train.py imports it from here)
 from trainer.data import TokenData, check_block_size, get_batch, sample_offsets
 from trainer.distributed import all_reduce_mean, broadcast_object, init_distributed
-from trainer.precision import Precision
+from trainer.precision import Precision, configure_math
 from trainer.runlog import NullLogger, RunLogger, Timer, peak_memory_bytes, reset_peak_memory
 from trainer.schedule import lr_at
 
@@ -56,6 +56,7 @@ class Trainer:
         self.cfg = cfg
         self.overrides = list(overrides or [])
         self.dist, self.device = init_distributed(cfg.device)
+        configure_math(bool(cfg.get("tf32", False)), bool(cfg.get("deterministic", False)))
         self.run_dir = Path(broadcast_object(str(run_dir), self.dist))  # rank 0's directory everywhere
         self.precision: Precision = build(cfg.precision)
         self._check_batch_config()
@@ -328,6 +329,7 @@ class Trainer:
             "n_embd": cfg.model.n_embd, "n_head": cfg.model.n_head, "block_size": int(cfg.block_size),
             "batch_size": int(cfg.batch_size) * int(cfg.gradient_accumulation_steps), "seed": int(cfg.seed),
             "params": self.raw_model.num_params(),
+            "tf32": bool(cfg.get("tf32", False)), "deterministic": bool(cfg.get("deterministic", False)),
         }
 
     def fit(self) -> dict:
