@@ -57,11 +57,8 @@ FAST = {
     },
 }
 
-# Tier 2, used where no tier-1 config fits (fp32 on ~99 KB parts: sm_86/sm_89), and always on
-# GPUs older than sm_80. Those lack cp.async, so Triton stages tiles through shared memory
-# differently and the estimate below does not bound tier-1 configs there (a 128x128 forward
-# block needs 72 KB on sm_75 at D=16); it does bound these smaller tiles, as the ahead-of-time
-# compiles check. Each list ends with a config whose estimate fits 64 KB in fp32.
+# Tier 2, used only where no tier-1 config fits: fp32 on ~99 KB parts (sm_86/sm_89). Two
+# pipeline stages and smaller tiles.
 SMALL = {
     "fwd": {
         64: [Config(64, 64, 4, 2), Config(64, 32, 4, 2)],
@@ -75,6 +72,17 @@ SMALL = {
         64: [Config(64, 32, 4, 2), Config(32, 32, 4, 2)],
         128: [Config(32, 32, 4, 2), Config(32, 16, 4, 2), Config(16, 16, 4, 2)],
     },
+}
+
+# sm_75 (T4, RTX 20xx: 64 KB). Without cp.async Triton stages dot operands through shared memory
+# in ways the estimate below does not bound (a 128x128 forward block needs 72 KB there at D=16,
+# a 16x64 dK/dV block 72 KB at D=128, estimated 22 and 50). So these GPUs get one small config
+# per kernel, checked by compiling it for sm_75 at every head dim and dtype (tests/test_flash_aot.py:
+# at most 34 KB of 64), not by the estimate.
+TURING = {
+    "fwd": {64: [Config(64, 32, 4, 2)], 128: [Config(32, 16, 4, 2)]},
+    "dkdv": {64: [Config(32, 32, 4, 2)], 128: [Config(16, 16, 4, 2)]},
+    "dq": {64: [Config(64, 32, 4, 2)], 128: [Config(16, 16, 4, 2)]},
 }
 TUNED_KERNELS = tuple(FAST)
 PREPROCESS = Config(64, 0, 4, 1)  # a row reduction: no tiles in shared memory worth tuning
@@ -90,7 +98,9 @@ SHORT_T = 64  # at most one block of queries or keys: the config barely matters,
 def shared_bytes_estimate(kernel: str, config: Config, head_dim: int, elem_bytes: int) -> int:
     """Upper estimate of the shared memory one program of ``kernel`` needs (bytes)."""
     # Tile buffers: with triton 3.9 these match sm_90's allocation to within 1 KB (other targets
-    # need less); 2 KB covers the rest. tests/test_flash_aot.py checks it stays an upper bound.
+    # need less); 2 KB covers the rest. fp32 dots also stage the (BLOCK_M, BLOCK_N) score tile
+    # through shared memory (at D=32, sm_80: 96 KB where the tiles alone are 80 KB).
+    # tests/test_flash_aot.py checks the estimate stays an upper bound on sm_80 and newer.
     block_m, block_n, _, stages = config
     if kernel == "fwd":  # K and V tiles per pipeline stage, plus Q
         tiles = 2 * block_n * head_dim * stages + block_m * head_dim
@@ -100,12 +110,13 @@ def shared_bytes_estimate(kernel: str, config: Config, head_dim: int, elem_bytes
         tiles = 2 * block_n * head_dim * stages + 2 * block_m * head_dim
     else:
         raise ValueError(f"unknown kernel {kernel!r}")
-    return tiles * elem_bytes + 2048
+    scores = block_m * block_n * 4 if elem_bytes == 4 else 0
+    return tiles * elem_bytes + scores + 2048
 
 
 def shipped(kernel: str, head_dim: int, tier: dict | None = None) -> list[Config]:
     """The configs of ``kernel`` in one tier (default FAST, then SMALL) for this head dim."""
-    tiers = [tier] if tier is not None else [FAST, SMALL]
+    tiers = [tier] if tier is not None else [FAST, SMALL, TURING]
     out = []
     for table in tiers:
         lists = table[kernel]
@@ -114,12 +125,14 @@ def shipped(kernel: str, head_dim: int, tier: dict | None = None) -> list[Config
 
 
 def candidates(kernel: str, head_dim: int, elem_bytes: int, shared_limit: int, capability: int = 90) -> list[Config]:
-    """The configs of ``kernel`` that fit ``shared_limit``: tier 1's if any fits, else tier 2's
-    (only tier 2 below sm_80; ``capability`` is 10 * major + minor, e.g. 86).
+    """The configs of ``kernel`` that fit ``shared_limit``: tier 1's if any fits, else tier 2's.
+    ``capability`` is 10 * major + minor (e.g. 86); below 80 the sm_75 table is used as is.
 
     Never a config that does not fit: with none, raise UnavailableError with the remedies.
     """
-    for tier in (FAST, SMALL) if capability >= 80 else (SMALL,):
+    if capability < 80:
+        return shipped(kernel, head_dim, TURING)
+    for tier in (FAST, SMALL):
         fits = [c for c in shipped(kernel, head_dim, tier)
                 if shared_bytes_estimate(kernel, c, head_dim, elem_bytes) <= shared_limit]
         if fits:

@@ -23,19 +23,21 @@ def test_every_target_has_fitting_configs_for_every_head_dim_and_dtype(cc, kerne
             configs = fc.candidates(kernel, d, nbytes, limit, cc)
             assert configs, (cc, kernel, d, nbytes)
             for c in configs:  # never a config whose estimate exceeds the limit
-                assert fc.shared_bytes_estimate(kernel, c, d, nbytes) <= limit, (cc, kernel, d, nbytes, c)
+                if cc >= 80:  # sm_75's table is checked by compiling it (test_flash_aot.py)
+                    assert fc.shared_bytes_estimate(kernel, c, d, nbytes) <= limit, (cc, kernel, d, nbytes, c)
                 assert c in fc.shipped(kernel, d)
 
 
 def test_large_gpus_use_the_tuned_tier_and_small_ones_fall_back():
     # A100/H100 16-bit: only tier-1 configs; fp32 D=128 on a 99 KB part needs tier 2; sm_75 (no
-    # cp.async: the estimate does not bound tier 1 there) always uses tier 2
+    # cp.async: the estimate does not bound its shared memory) always uses its own table
     a100, sm86, sm75 = fc.TARGETS[80][0], fc.TARGETS[86][0], fc.TARGETS[75][0]
     for kernel in fc.TUNED_KERNELS:
         assert set(fc.candidates(kernel, 64, 2, a100, 80)) <= set(fc.FAST[kernel][64])
         assert set(fc.candidates(kernel, 128, 4, sm86, 86)) <= set(fc.SMALL[kernel][128])
         for d in SUPPORTED_HEAD_DIMS:
-            assert set(fc.candidates(kernel, d, 2, sm75, 75)) <= set(fc.shipped(kernel, d, fc.SMALL))
+            for nbytes in ELEM_BYTES.values():
+                assert fc.candidates(kernel, d, nbytes, sm75, 75) == fc.shipped(kernel, d, fc.TURING)
 
 
 def test_no_fitting_config_raises_one_line_user_error():
