@@ -45,13 +45,13 @@ def variants(full: bool = False) -> list[dict]:
     """The (kernel, target, dtype, D, causal, config) variants to compile.
 
     ``full``: every config each target may run, for every dtype and head dim, causal; plus
-    non-causal for bf16 at D=128. Default, CI's subset: on every target, for each kernel, the
-    candidate with the largest shared-memory estimate (the one most likely not to fit) in bf16 at
-    D 16, 32 and 128 and in fp32 at D 32 (nano's) and 128 (sm_75: every config, head dim and
-    dtype, since the estimate does not bound its shared memory); every candidate at D=64 (gpt2's) in
-    bf16 on sm_80 and sm_90, the GPUs the tier-1 lists are tuned for. fp16 vs bf16 and the causal
-    flag change no tile or pipeline shape, so they cannot change whether a config fits; fp16,
-    fp32 with TF32 and non-causal are compiled for one head dim on sm_80/sm_90 to show they build.
+    non-causal for bf16 at D=128. Default, CI's subset (``CI_LARGEST``): per target and kernel,
+    the candidate with the largest shared-memory estimate, the one that decides whether the
+    kernel fits, in bf16 and fp32 at nano's D=32 and at D=128 (16 and 64 too on sm_80/sm_90);
+    every candidate at gpt2's D=64 in bf16 on sm_90; sm_75's whole table (the estimate does not
+    bound its shared memory) at D 32, 64, 128. fp16 vs bf16 and the causal flag change no tile
+    or pipeline shape, so they cannot change whether a config fits; fp16, fp32 with TF32 and
+    non-causal are compiled on sm_90 to show they build.
     """
     from kernels import flash_configs as fc
 
@@ -70,18 +70,25 @@ def variants(full: bool = False) -> list[dict]:
     return out
 
 
+# CI's subset: (target -> {dtype: head dims}) whose largest candidate per kernel is compiled
+CI_LARGEST = {
+    80: {"bf16": (16, 32, 64, 128), "fp32": (32, 128)},
+    86: {"bf16": (32, 128), "fp32": (32, 128)},
+    89: {"bf16": (128,), "fp32": (128,)},
+    90: {"bf16": (16, 32, 64, 128), "fp32": (32, 128), "fp16": (128,), "fp32-tf32": (128,)},
+}
+
+
 def _wanted(full: bool, cc: int, dtype: str, d: int, causal: bool, largest: bool) -> bool:
-    if cc < 80:  # sm_75's table is not bounded by the estimate: compile all of it, in every dtype
-        return causal and (full or dtype in ("bf16", "fp32"))
-    if not causal:  # non-causal adds no tiles: 16-bit D=128 in the full table, sm_90 in CI
+    if not causal:  # non-causal adds no tiles: bf16 D=128 in the full table, sm_90 in CI
         return d == 128 and dtype == "bf16" and largest and (full or cc == 90)
     if full:
         return True
-    if dtype == "bf16":
-        return (largest and d != 64) or (cc in (80, 90) and d == 64)
-    if dtype == "fp32":
-        return largest and d in (32, 128)
-    return largest and d == 128 and cc in (80, 90)  # fp16, fp32-tf32: they build
+    if cc < 80:  # the estimate does not bound sm_75: its table, at the largest head dim of each list
+        return dtype in ("bf16", "fp32") and d in (32, 64, 128)
+    if cc == 90 and dtype == "bf16" and d == 64:  # every config an H100 may pick at gpt2's head dim
+        return True
+    return largest and d in CI_LARGEST[cc].get(dtype, ())
 
 
 def _signature(fn, pointer: str, constexprs: dict) -> tuple[dict, dict]:

@@ -7,10 +7,11 @@ check: sm_75 (T4, 64 KB), sm_80 (A100, 163 KB), sm_86/sm_89 (A10, L4, RTX 30xx/4
 sm_90 (H100, 227 KB), at head dims 16, 32, 64 and 128, in 16-bit and fp32.
 
 The subset compiles, per target and kernel, the config with the largest shared-memory estimate
-among those the launcher may pick there (the one that decides whether the kernel fits), plus
-every candidate at gpt2's D=64 on sm_80/sm_90. ~120 compiles take ~1-2 min of CPU cold; they are
-cached under TRITON_CACHE_DIR (default .triton_cache/aot here), so reruns take seconds. The full
-table (~750 compiles) is ``python scripts/flash_aot.py --full --table``.
+among those the launcher may pick there (the one that decides whether the kernel fits), every
+candidate at gpt2's D=64 on sm_90, and sm_75's whole table. Its ~85 compiles take ~2.5 min of
+CPU cold (~1.7 s each); they are cached under TRITON_CACHE_DIR (default .triton_cache/aot here),
+so reruns take seconds. The full table (~700 compiles) is
+``python scripts/flash_aot.py --full --table``.
 """
 from __future__ import annotations
 
@@ -61,28 +62,28 @@ def test_shared_memory_fits_each_target(compiled):
 
 
 def test_the_largest_candidate_is_compiled_for_every_target_head_dim_and_dtype(compiled):
+    tool = _tool()
     seen = defaultdict(set)
     for r in compiled:
         seen[(r["kernel"], r["target"], r["dtype"], r["D"])].add(tuple(r["config"]))
-    checked = {"bf16": (16, 32, 128), "fp32": (32, 128)}
     for cc, (limit, _) in fc.TARGETS.items():
         assert seen[("preprocess", f"sm_{cc}", "bf16", 128)]
-        for dtype, dims in checked.items():
-            nbytes = 2 if dtype == "bf16" else 4
+    for cc, dtypes in tool.CI_LARGEST.items():
+        for dtype, dims in dtypes.items():
+            nbytes = tool.DTYPES[dtype][1]
             for d in dims:
                 for kernel in fc.TUNED_KERNELS:
-                    configs = fc.candidates(kernel, d, nbytes, limit, cc)
+                    configs = fc.candidates(kernel, d, nbytes, fc.TARGETS[cc][0], cc)
                     largest = max(configs, key=lambda c: fc.shared_bytes_estimate(kernel, c, d, nbytes))
                     assert tuple(largest) in seen[(kernel, f"sm_{cc}", dtype, d)], (kernel, cc, dtype, d)
-    for d in (16, 32, 64, 128):  # sm_75: its whole table, every head dim, 16-bit and fp32
-        for dtype in ("bf16", "fp32"):
-            for kernel in fc.TUNED_KERNELS:
+    for kernel in fc.TUNED_KERNELS:
+        for d in (32, 64, 128):  # sm_75: its whole table (D=16 uses D=32's configs, with smaller tiles)
+            for dtype in ("bf16", "fp32"):
                 want = {tuple(c) for c in fc.shipped(kernel, d, fc.TURING)}
                 assert seen[(kernel, "sm_75", dtype, d)] == want, (kernel, dtype, d)
-    for cc in (80, 90):  # every config an A100 / H100 may pick at gpt2's head dim
-        for kernel in fc.TUNED_KERNELS:
-            want = {tuple(c) for c in fc.candidates(kernel, 64, 2, fc.TARGETS[cc][0], cc)}
-            assert seen[(kernel, f"sm_{cc}", "bf16", 64)] == want
+        # every config an H100 may pick at gpt2's head dim
+        want = {tuple(c) for c in fc.candidates(kernel, 64, 2, fc.TARGETS[90][0], 90)}
+        assert seen[(kernel, "sm_90", "bf16", 64)] == want
 
 
 def test_shared_memory_estimate_used_for_pruning_is_an_upper_bound(compiled):
