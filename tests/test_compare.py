@@ -487,7 +487,7 @@ def test_best_by_names_a_component_with_no_completed_run(tmp_path, capsys):
     assert len(lines) == 2 + 1 + 1 + 4 and lines[2].startswith("| optim=adamw | adamw |")
     assert lines[-3:] == ["- not considered (no finite final val loss): optim=sgd, seed=0 "
                           "(diverged (step 50/100))", "- no completed run for optim = sgd",
-                          "- never reached val loss 2: optim=adamw, seed=0 (best 2.5000)"]
+                          "- never reached val loss 2.0: optim=adamw, seed=0 (best 2.5000)"]
 
 
 def test_bpb_and_mfu_columns_only_when_logged(tmp_path, capsys):
@@ -618,13 +618,16 @@ def test_real_two_by_two_sweep(tmp_path, capsys):
         assert row["best_val_loss"] is not None and np.isfinite(row["best_val_loss"])
         assert row["best_val_loss"] <= row["final_val_loss"]
         assert row["steps"] is not None and row["tokens_per_sec"] > 0 and row["wall_time_s"] > 0
+        # the trainer logs val/bpb: on ASCII text with one token per character, bits per byte is
+        # the val loss (nats per token) over ln 2
+        assert row["final_val_bpb"] == pytest.approx(row["final_val_loss"] / math.log(2), rel=1e-3)
     assert [r["best_val_loss"] for r in rows] == sorted(r["best_val_loss"] for r in rows)
     for name in ("val_loss_vs_step.png", "val_loss_vs_time.png", "throughput_memory.png"):
         assert (plots / name).read_bytes()[:8] == PNG_MAGIC
 
     assert load_script().main([str(sweep)]) == 0
     table = capsys.readouterr().out.strip().splitlines()
-    assert len(table) == 2 + 4
+    assert len(table) == 2 + 4 and "| final val bpb | best val bpb |" in table[0]
 
 
 @pytest.mark.parametrize("experiment, group, options", [

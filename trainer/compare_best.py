@@ -145,7 +145,7 @@ def report(groups: Sequence[Group], keys: Sequence[str], best_by: str | None = N
         if target is not None:
             numbers, never = target_numbers(group, target)
             row.update(numbers)
-            notes += [f"never reached val loss {target:g}: {run_name(r, keys)} "
+            notes += [f"never reached val loss {target}: {run_name(r, keys)} "
                       f"(best {_fmt(r.numbers['best_val_loss'], 4)})" for r in never]
         if base is not None:
             row["p_value"], row["p_value_note"] = p_value(group, base)

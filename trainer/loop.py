@@ -26,22 +26,8 @@ from trainer.distributed import broadcast_object, init_distributed
 from trainer.precision import Precision, configure_math
 from trainer.runlog import (NullLogger, RunLogger, Timer, peak_memory_bytes, reset_peak_memory, run_hparams,
                             step_scalars)
-from trainer.schedule import lr_at
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay the weights of matmuls only; biases, norms and embeddings are not decayed.
-
-    The token embedding is tied to the LM head: it is treated as an embedding (no decay), since
-    decay would pull the rows of rare tokens towards zero between their rare updates.
-    """
-    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)} - embedding_ids
-    decay, no_decay = [], []
-    for p in model.parameters():  # each shared tensor once
-        if p.requires_grad:
-            (decay if id(p) in decay_ids else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+from trainer.optim.param_groups import param_groups  # noqa: F401  (the default policy; tests import it here)
+from trainer.schedule import Constant
 
 
 def step_seed(seed: int, it: int, stream: int) -> int:
@@ -64,10 +50,9 @@ class Trainer:
         self.data = self._load_data()
         self.model_config, self.raw_model = self._build_model()
         self.model, self.fwd_model = self._wrap_model()
-        optim_cfg = cfg.optim
-        factory = build(optim_cfg)
         with config_errors():  # the optimizer checks its hyperparameters when given the parameters
-            self.optimizer = factory(param_groups(self.raw_model, float(optim_cfg.get("weight_decay", 0.0) or 0.0)))
+            self.optimizer = self._build_optimizer()
+        self.schedule = build(cfg.schedule) if cfg.decay_lr else Constant(float(cfg.learning_rate))
         self.scaler = self.precision.make_scaler(self.device)
         self.step, self.best_val_loss, self.skipped_steps = 0, math.inf, 0
         self.best_val_bpb = math.inf
@@ -108,6 +93,13 @@ class Trainer:
 
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DDP(fwd, device_ids=ids), fwd
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer over the groups its ``param_groups`` policy makes (default: decay matmuls)."""
+        optim_cfg = OmegaConf.to_container(self.cfg.optim, resolve=True)
+        policy = optim_cfg.pop("param_groups", None) or {"_target_": "trainer.optim.ParamGroups"}
+        groups = build(policy)(self.raw_model, float(optim_cfg.get("weight_decay") or 0.0))
+        return build(optim_cfg)(groups)
 
     def _load(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path)  # to CPU first: load_state_dict copies onto the device
@@ -154,12 +146,7 @@ class Trainer:
     # one optimizer step
 
     def lr(self, it: int) -> float:
-        cfg = self.cfg
-        peak = float(cfg.learning_rate)
-        if not cfg.decay_lr:
-            return peak
-        min_lr = peak / 10 if cfg.min_lr is None else float(cfg.min_lr)
-        return lr_at(it, peak, int(cfg.warmup_iters), int(cfg.lr_decay_iters), min_lr)
+        return self.schedule(it)
 
     def _micro_batches(self, it: int):
         """This rank's micro-batches of iteration ``it``: slices of one global draw, so the data a
@@ -175,7 +162,7 @@ class Trainer:
     def train_step(self, it: int) -> dict:
         lr = self.lr(it)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # per-group multiples from the param_groups policy
         torch.manual_seed(step_seed(self.cfg.seed, it, 1 + self.dist.rank))  # dropout
         loss_sum = torch.zeros((), device=self.device)
         for micro, (x, y) in self._micro_batches(it):
