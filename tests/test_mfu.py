@@ -123,3 +123,25 @@ def test_cpu_calibration_counts_flops_of_the_timed_matmuls(monkeypatch):
     M, d, V = 100, 8, 11
     expected = 2 * M * (d * 3 * d + d * d + d * 4 * d + 4 * d * d + d * V) / 0.5
     assert mfu.measure_cpu_flops(M, d, V) == pytest.approx(expected)
+
+
+def test_throughput_windows_exclude_the_first_and_what_restart_drops():
+    clock = iter([0.0, 1.0, 2.0, 2.0, 50.0, 51.0, 53.0, 53.0, 60.0, 60.0])
+    meter = mfu.MFUMeter(flops_per_token=1e6, tokens_per_step=100, peak_flops=1e9)
+    speed = mfu.Throughput(torch.device("cpu"), meter, clock=lambda: next(clock))  # t0 = 0
+    speed.step_done()
+    first = speed.lap()  # 1 step in 1 s (warm-up window), restart at 2
+    assert first["step_ms"] == pytest.approx(1000) and first["tokens_per_sec"] == pytest.approx(100)
+    assert speed.summary()["tokens_per_sec"] == pytest.approx(100)  # the only window so far
+    for _ in range(4):
+        speed.step_done()
+    speed.restart()  # e.g. an evaluation ran: those 4 steps' window is dropped; t0 = 2
+    speed.step_done()
+    speed.step_done()
+    second = speed.lap()  # 2 steps over 50 - 2 = 48 s
+    assert second["step_ms"] == pytest.approx(24_000)
+    assert second["mfu"] == pytest.approx(1e6 * 100 / 24.0 / 1e9)
+    speed.step_done()
+    speed.lap()  # 1 step in 53 - 51 = 2 s
+    assert speed.summary()["tokens_per_sec"] == pytest.approx(3 * 100 / 50.0)  # steady windows only
+    assert speed.lap() is None  # no steps since the last lap

@@ -207,3 +207,56 @@ def peak_flops_for(device: torch.device, precision: str, *, tokens: int, n_embd:
         peak = cpu_peak_flops(tokens, n_embd, vocab_size, dtype, cache_dir)
         return peak, f"measured {precision} matmul at the model's shapes, {torch.get_num_threads()} threads"
     return None, f"no peak known for device type {device.type}; set peak_tflops=<dense TFLOP/s> for MFU"
+
+
+class Throughput:
+    """Training speed between log points: steps, wall time, tokens/s, TFLOP/s and MFU.
+
+    The clock is read (and CUDA synchronized, so a step's kernels are charged to it) only at log
+    points, never per step: the host keeps running ahead of the GPU in between. Evaluation and
+    checkpoints are left out by calling :meth:`restart` after them. The run's average excludes the
+    window holding the process's first step (warm-up, autotuning, compilation) unless there is no other.
+    """
+
+    def __init__(self, device: torch.device, meter: MFUMeter, clock=time.perf_counter):
+        self.device, self.meter, self.clock = device, meter, clock
+        self.first: tuple[int, float] | None = None  # (steps, seconds) of the first window
+        self.total_steps, self.total_seconds = 0, 0.0  # of the later windows
+        self.restart()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return self.clock()
+
+    def restart(self) -> None:
+        """Start a new window (after evaluation or a checkpoint, which are not training speed)."""
+        self.steps, self.t0 = 0, self._now()
+
+    def step_done(self) -> None:
+        self.steps += 1
+
+    def lap(self) -> dict[str, float | None] | None:
+        """Rates over the steps since the last lap or restart (None if there were none); a new window starts."""
+        steps, seconds = self.steps, self._now() - self.t0
+        self.restart()
+        if steps == 0:
+            return None
+        if self.first is None:
+            self.first = (steps, seconds)
+        else:
+            self.total_steps += steps
+            self.total_seconds += seconds
+        return self.rates(seconds / steps)
+
+    def rates(self, step_seconds: float) -> dict[str, float | None]:
+        return {"step_ms": step_seconds * 1e3, "tokens_per_sec": self.meter.tokens_per_step / step_seconds,
+                "tflops": self.meter.tflops(step_seconds), "mfu": self.meter.mfu(step_seconds)}
+
+    def summary(self) -> dict[str, float | None]:
+        """Averages over the run's steady windows (or the first one, if it is all there is)."""
+        steps, seconds = (self.total_steps, self.total_seconds) if self.total_steps else (self.first or (0, 0.0))
+        if not steps:
+            return {"tokens_per_sec": None, "tflops": None, "mfu": None}
+        rates = self.rates(seconds / steps)
+        return {k: rates[k] for k in ("tokens_per_sec", "tflops", "mfu")}
