@@ -5,7 +5,7 @@ this module never imports Triton. On CUDA the kernels are compiled and autotuned
 run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before Python starts), slowly but
 with the same code. There is no silent fallback to another implementation.
 
-Supported: head dims 16, 32, 64, 128 (others raise ValueError rather than being padded, so the
+Supported: head dims 16, 32, 64, 128 (others raise ConfigError, a ValueError, rather than being padded, so the
 cost of a padded head never hides in a benchmark); fp16, bf16 and fp32 inputs, accumulated in
 fp32. fp32 inputs use ``input_precision="ieee"`` in ``tl.dot``, so fp32 means fp32 and not tf32.
 Any (batch, head, time) strides are read directly; a non-unit stride along D is copied first.
@@ -17,6 +17,7 @@ import os
 import torch
 
 from kernels._checks import check_qkv, resolve_scale
+from trainer.errors import ConfigError, UnavailableError
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -34,7 +35,7 @@ def _kernels():
         from kernels import flash_triton
     except ModuleNotFoundError as err:
         if err.name and err.name.split(".")[0] == "triton":
-            raise RuntimeError(
+            raise UnavailableError(
                 "flash_attention needs Triton, which is not installed: pip install triton, or use attn=online"
             ) from err
         raise
@@ -48,16 +49,16 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> N
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"flash_attention: dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(
+        raise ConfigError(
             f"flash_attention: head dim D={q.shape[-1]} is not supported; use one of {SUPPORTED_HEAD_DIMS} "
             "(choose n_embd / n_head accordingly) or another attention implementation"
         )
     if q.shape[2] == 0 or k.shape[2] == 0:
         raise ValueError(f"flash_attention: empty sequence (Tq={q.shape[2]}, Tk={k.shape[2]})")
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(_NO_INTERPRETER)
+        raise UnavailableError(_NO_INTERPRETER)
     if q.device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"flash_attention runs on CUDA devices (or the CPU interpreter), not {q.device.type}")
+        raise UnavailableError(f"flash_attention runs on CUDA devices (or the CPU interpreter), not {q.device.type}")
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -68,7 +69,7 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 def _launch_opts(fk, q: torch.Tensor) -> tuple[bool, dict]:
     """Whether kernels are interpreted, and the dtype-dependent constexprs every kernel takes."""
     if q.device.type == "cpu" and not fk.INTERPRETED:
-        raise RuntimeError(
+        raise UnavailableError(
             "flash_attention: TRITON_INTERPRET=1 was set after Triton was imported; set it before "
             "starting Python, or use attn=online"
         )

@@ -7,7 +7,13 @@ Examples::
     python scripts/train.py attn=online optim=lion precision=bf16
     python scripts/train.py -m attn=naive,online,sdpa        # a sweep, one run directory each
     python scripts/train.py resume=true hydra.run.dir=runs/<run>
-    torchrun --nproc_per_node=2 scripts/train.py             # data-parallel
+    torchrun --standalone --nproc_per_node=2 scripts/train.py gradient_accumulation_steps=2   # data-parallel
+
+Under torchrun, ``gradient_accumulation_steps`` is the global number of micro-batches per step and
+must be a multiple of the number of processes (each rank runs its share).
+
+A mistake the user can fix (a setting, a file, a checkpoint; a ``trainer.errors.UserError``) is
+printed as one ``error:`` line and exits 1; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -18,9 +24,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, ValidationError
 
 from trainer.config import register_resolvers
+from trainer.errors import TrainingError, UserError
 
 register_resolvers()
 
@@ -38,14 +45,16 @@ def _quiet_hydra_on_other_ranks() -> None:
 
 _quiet_hydra_on_other_ranks()
 
-# Errors that are the user's to fix: reported in one line, without a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, OmegaConfBaseException, RuntimeError)
+# Errors that are the user's to fix: reported in one line, without a traceback. OmegaConf's are a
+# mandatory value left at ??? or an interpolation/value the user's config cannot resolve.
+OMEGACONF_USER_ERRORS = (MissingMandatoryValue, InterpolationResolutionError, ValidationError)
+USER_ERRORS = (UserError, *OMEGACONF_USER_ERRORS)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from trainer.distributed import shutdown_distributed
-    from trainer.loop import Trainer, TrainingError
+    from trainer.loop import Trainer
 
     hc = HydraConfig.get()
     run_dir, overrides = hc.runtime.output_dir, list(hc.overrides.task)
@@ -67,11 +76,17 @@ def main(cfg: DictConfig) -> float | None:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         # OmegaConf appends "full_key: ... object_type=..." lines; the first line says it all
-        message = str(e).splitlines()[0] if isinstance(e, OmegaConfBaseException) else str(e)
+        message = str(e).splitlines()[0] if isinstance(e, OMEGACONF_USER_ERRORS) else str(e)
         print(f"error: {message}", file=sys.stderr, flush=True)
         if not multirun:  # a sweep goes on with its other runs; this one is marked failed
             raise SystemExit(1)
         return None
+    except SystemExit:
+        raise
+    except BaseException as e:  # a bug, or a second Ctrl-C: recorded, then shown with its traceback
+        if trainer is not None:
+            trainer.fail(e, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+        raise
     finally:
         shutdown_distributed()
         if trainer is not None and not trainer.dist.is_main and str(trainer.run_dir) != run_dir:

@@ -14,8 +14,8 @@ TRAIN = str(REPO / "scripts" / "train.py")
 SAMPLE = str(REPO / "scripts" / "sample.py")
 
 
-def run(args, cwd, **kw):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run(args, cwd, env=None, **kw):
+    env = {**(env or os.environ), "PYTHONUNBUFFERED": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300, **kw)
 
@@ -45,6 +45,8 @@ def test_run_dir_named_by_overrides_then_sample(tmp_path, tiny_overrides):
         (["block_size=64"], "error: block_size=64 exceeds the model's context"),
         (["data.path=???"], "error: Missing mandatory value: data.path"),
         (["device=cuda"] if not torch.cuda.is_available() else ["device=nonsense"], "error: device="),
+        (["seed=1e30"], "error: seed=1e+30 must be an integer >= 0"),
+        (["optim.eps=-1"], "error: Invalid epsilon value"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, tiny_overrides, args, message):
@@ -53,6 +55,19 @@ def test_bad_input_is_one_clear_line(tmp_path, tiny_overrides, args, message):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines and lines[-1].startswith(message), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_bug_keeps_its_traceback_and_marks_the_run_failed(tmp_path, tiny_overrides):
+    """A RuntimeError from inside a training step is a bug, not bad input: full traceback, exit != 0."""
+    run_dir = tmp_path / "r"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    proc = run([TRAIN, *tiny_overrides, "max_iters=2", "attn._target_=buggy_components.broken_attention",
+                f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env)
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "RuntimeError: injected bug" in proc.stderr
+    assert "error: injected bug" not in proc.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "injected bug" in summary["error"]
 
 
 def test_unknown_group_option_lists_choices(tmp_path):

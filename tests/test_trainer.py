@@ -4,10 +4,12 @@ import math
 
 import pytest
 import torch
-from conftest import compose_cfg
+from conftest import CONFIGS, compose_cfg
 from hydra.utils import instantiate
 
 from trainer import checkpoint as ckpt
+from trainer.config import build
+from trainer.errors import ConfigError, DataError, UserError
 from trainer.loop import Trainer, TrainingError, param_groups
 from trainer.schedule import lr_at
 
@@ -43,6 +45,7 @@ def test_loss_falls_and_outputs_are_written(tmp_path, tiny_overrides):
     state = torch.load(run / ckpt.LAST, weights_only=True)  # no pickled code
     assert state["step"] == 60 and state["model_args"]["n_layer"] == 1
     assert state["tokenizer"] == t.data.tokenizer.to_dict()
+    assert "rng" not in state  # exact resume comes from (seed, step, rank) seeding, not saved RNG state
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -152,14 +155,21 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_ove
 @pytest.mark.parametrize(
     "extra, error, match",
     [
-        (["block_size=64"], ValueError, "exceeds the model's context model.block_size=32"),
-        (["gradient_accumulation_steps=0"], ValueError, "gradient_accumulation_steps=0"),
-        (["model.block_size=4096", "block_size=4096"], ValueError, "too large for the val split"),
-        (["model.n_embd=33"], ValueError, "not divisible by model.n_head"),
-        (["max_iters=abc"], ValueError, r"max_iters='abc' must be an integer >= 0"),
-        (["log_interval=0"], ValueError, "log_interval=0 must be an integer >= 1"),
-        (["min_lr=-1e-4"], ValueError, r"min_lr=-0.0001 must be a number >= 0.0 or null"),
-        (["batch_size=2.5"], ValueError, "batch_size=2.5 must be an integer"),
+        (["block_size=64"], ConfigError, "exceeds the model's context model.block_size=32"),
+        (["gradient_accumulation_steps=0"], ConfigError, "gradient_accumulation_steps=0"),
+        (["model.block_size=4096", "block_size=4096"], DataError, "too large for the val split"),
+        (["model.n_embd=33"], ConfigError, "not divisible by model.n_head"),
+        (["max_iters=abc"], ConfigError, r"max_iters='abc' must be an integer >= 0"),
+        (["log_interval=0"], ConfigError, "log_interval=0 must be an integer >= 1"),
+        (["min_lr=-1e-4"], ConfigError, r"min_lr=-0.0001 must be a finite number >= 0.0 or null"),
+        (["learning_rate=inf"], ConfigError, r"learning_rate=inf must be a finite number"),
+        (["batch_size=2.5"], ConfigError, "batch_size=2.5 must be an integer"),
+        (["seed=1e30"], ConfigError, r"seed=1e\+30 must be an integer >= 0 and <= 9223372036854775807"),
+        (["optim.eps=-1"], ConfigError, "Invalid epsilon value"),
+        (["precision.name=fp8"], ConfigError, "precision.name='fp8' is not one of"),
+        (["device=tpu"], ConfigError, "device='tpu' is not understood"),
+        (["+optim.nonesuch=1"], ConfigError, "unexpected keyword argument 'nonesuch'"),
+        (["attn._target_=kernels.nonesuch"], ConfigError, "cannot be imported"),
     ],
 )
 def test_bad_settings_fail_before_training(tmp_path, tiny_overrides, extra, error, match):
@@ -176,13 +186,12 @@ def test_lr_schedule_warmup_cosine_floor():
     assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
 
 
-GROUPS = {
-    "model": ["nano", "gpt2"],
-    "attn": ["naive", "sdpa", "online", "flash"],
-    "optim": ["sgd", "adam", "adamw", "lion"],
-    "precision": ["fp32", "bf16", "fp16"],
-    "data": ["shakespeare", "text"],
-}
+# every option of every component group, read from configs/<group>/*.yaml (one list of components)
+GROUPS = {g: sorted(p.stem for p in (CONFIGS / g).glob("*.yaml")) for g in ("model", "attn", "optim", "precision", "data")}
+
+
+def test_groups_are_read_from_the_config_directories():
+    assert {"sdpa", "naive"} <= set(GROUPS["attn"]) and {"adamw", "sgd"} <= set(GROUPS["optim"])
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g, opts in GROUPS.items() for o in opts])
@@ -220,3 +229,39 @@ def test_peak_memory_window_resets_between_runs_of_one_process():
     before = peak_memory_bytes(cpu)
     reset_peak_memory(cpu)
     assert peak_memory_bytes(cpu) < before - 200 * 2**20
+
+
+def test_build_re_raises_what_it_does_not_recognize():
+    """A constructor's bug (here a KeyError) keeps its type and traceback; only user errors are converted."""
+    from omegaconf import OmegaConf
+
+    with pytest.raises(Exception, match="injected bug in a constructor") as info:
+        build(OmegaConf.create({"_target_": "buggy_components.BrokenComponent", "size": 2}))
+    assert not isinstance(info.value, UserError)
+    assert isinstance(info.value, KeyError) or isinstance(info.value.__cause__, KeyError)
+    with pytest.raises(ConfigError, match="unexpected keyword argument 'colour'"):
+        build(OmegaConf.create({"_target_": "buggy_components.BrokenComponent", "colour": 2}))
+
+
+def test_a_bug_inside_a_step_is_not_a_user_error(tmp_path, tiny_overrides):
+    t = make(tmp_path, tiny_overrides + ["attn._target_=buggy_components.broken_attention", "max_iters=2"])
+    with pytest.raises(RuntimeError, match="injected bug") as info:
+        t.fit()
+    assert not isinstance(info.value, UserError)
+
+
+@pytest.mark.parametrize(
+    "override_dirname, expected",
+    [
+        ("", "default"),
+        ("optim=adamw,attn=naive", "optim=adamw,attn=naive"),
+        ("model.n_layer=2,attn=flash", "attn=flash,model.n_layer=2"),
+        ("data.path='/a/b/corpus.txt',attn=naive", "attn=naive,data.path=corpus.txt"),  # no stray quote
+        ("sample_prompt=\"it's\"", "sample_prompt=its"),
+        ("optim.betas=[0.9,0.95],sample_prompt='a,b'", "sample_prompt=a,b,optim.betas=[0.9,0.95]"),
+    ],
+)
+def test_run_name_from_overrides(override_dirname, expected):
+    from trainer.config import run_name
+
+    assert run_name(override_dirname) == expected

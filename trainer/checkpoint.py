@@ -1,8 +1,11 @@
 """Checkpoints: written atomically, loadable with ``torch.load(..., weights_only=True)``.
 
 A checkpoint holds plain tensors, numbers, strings, lists and dicts only (no pickled code):
-model and optimizer state, the GradScaler's state, the step, RNG states, the resolved config
-and the tokenizer, so a run can be resumed exactly or sampled from without its data.
+model and optimizer state, the GradScaler's state, the step, the resolved config and the
+tokenizer, so a run can be resumed or sampled from without its data. No RNG state is saved:
+resume is exact because every random draw of a step (its batch, its dropout masks) is seeded
+from ``(seed, step, rank)`` alone (``trainer.loop.step_seed``), so the model, optimizer and
+scaler state plus the step number are all a resumed run needs.
 """
 from __future__ import annotations
 
@@ -33,6 +36,22 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     if not p.is_file():
         raise CheckpointError(f"no checkpoint at {p}; pass a checkpoint file or a run directory holding {LAST}")
     return p
+
+
+def resume_path(resume, run_dir: Path) -> Path | None:
+    """The checkpoint the ``resume`` setting names: None (fresh run), ``true`` (this run
+    directory's latest checkpoint), or a checkpoint file / run directory."""
+    if resume in (False, None, "false", ""):
+        return None
+    if resume is True or resume == "true":
+        path = Path(run_dir) / LAST
+        if not path.exists():
+            raise CheckpointError(
+                f"resume=true but {run_dir} has no {LAST}; give the run's directory with "
+                "hydra.run.dir=<run dir>, or resume=<checkpoint or run dir>"
+            )
+        return path
+    return resolve_checkpoint_path(resume)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

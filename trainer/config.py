@@ -1,24 +1,30 @@
-"""Hydra/OmegaConf glue used by the entry points (models, kernels and optimizers never import it)."""
+"""Hydra/OmegaConf glue used by the entry points (models, kernels and optimizers never import it):
+run names, building components from ``_target_`` nodes, and checking the top-level settings."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 
 from omegaconf import OmegaConf
+
+from trainer.errors import ConfigError, UserError
 
 
 def run_name(override_dirname: str) -> str:
     """A directory name from Hydra's override string (``attn=flash,optim=adamw``), group choices first.
 
     'default' when there are no overrides; a path value is shortened to its last component
-    (``data.path=/a/b/corpus.txt`` -> ``data.path=corpus.txt``); over-long names are cut and
-    made unique with a short hash of the full string.
+    (``data.path=/a/b/corpus.txt`` -> ``data.path=corpus.txt``); quotes Hydra keeps around values
+    (``sample_prompt='a b'``) are dropped; over-long names are cut and made unique with a short
+    hash of the full string.
     """
     if not override_dirname:
         return "default"
     parts = []
-    for item in override_dirname.split(","):
+    for item in _split_overrides(override_dirname):
         key, sep, value = item.partition("=")
+        value = value.replace("'", "").replace('"', "")
         if sep and re.search(r"[/\\]", value):
             value = re.split(r"[/\\]+", value.rstrip("/\\"))[-1] or "root"
         parts.append(f"{key}{sep}{value}")
@@ -30,26 +36,138 @@ def run_name(override_dirname: str) -> str:
     return name
 
 
+def _split_overrides(joined: str) -> list[str]:
+    """Split Hydra's ``a=1,b='x,y',c=[1,2]`` at the commas that separate overrides (not those
+    inside quotes or brackets)."""
+    items, current, quote, depth = [], "", None, 0
+    for ch in joined:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(current)
+            current = ""
+            continue
+        current += ch
+    return items + [current]
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("run_name"):
         OmegaConf.register_new_resolver("run_name", run_name)
 
 
+# ---------------------------------------------------------------------------------------------
+# building components
+
+
+# a constructor called with a key the config added or left out
+_BAD_KEYWORD = re.compile(r"__init__\(\) (got an unexpected keyword argument|missing \d+ required)")
+
+
+@contextlib.contextmanager
+def config_errors():
+    """A ValueError raised by a component's constructor from config values (``GPTConfig`` with
+    ``n_embd % n_head != 0``, an optimizer with ``eps < 0``), or a constructor given a keyword it
+    does not take, is the user's to fix: re-raise it as a ConfigError with the same message.
+    User errors pass through; anything else is a bug and keeps its type."""
+    try:
+        yield
+    except UserError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    except TypeError as e:
+        if _BAD_KEYWORD.search(str(e)):
+            raise ConfigError(f"{e}; remove or rename that key in the config") from e
+        raise
+
+
 def build(node, **kwargs):
-    """``hydra.utils.instantiate``, with the underlying error surfaced as one line.
+    """``hydra.utils.instantiate``, with a constructor's own error instead of Hydra's wrapper.
 
     Hydra wraps a constructor's exception in a multi-line InstantiationException; a user who
-    typed ``model.n_embd=33`` should instead read the constructor's own message.
+    typed ``model.n_embd=33`` should read the constructor's message in one line. Recognized
+    user errors become a ``UserError``: the constructor's ValueError, an unknown or missing
+    keyword, a ``_target_`` that cannot be imported. Anything else is re-raised unchanged, so a
+    bug in a component keeps its traceback.
     """
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     try:
-        return instantiate(node, **kwargs)
+        with config_errors():
+            return instantiate(node, **kwargs)
     except InstantiationException as e:
         cause = e.__cause__
-        if isinstance(cause, ValueError):
-            raise cause from None
         target = node.get("_target_", "?") if hasattr(node, "get") else "?"
-        detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(e).splitlines()[0]
-        raise ValueError(f"cannot build {target}: {detail}") from e
+        if isinstance(cause, UserError):
+            raise cause from None
+        if isinstance(cause, ValueError):
+            raise ConfigError(str(cause)) from None
+        if isinstance(cause, ImportError) or (cause is None and "Error locating target" in str(e)):
+            raise ConfigError(f"cannot build {target}: _target_ cannot be imported ({cause}); check its spelling") from e
+        if isinstance(cause, TypeError) and _BAD_KEYWORD.search(str(cause)):
+            raise ConfigError(f"cannot build {target}: {cause}; remove or rename that key in the config") from e
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# top-level settings
+
+# key: (type, smallest allowed value, may be null)
+SETTINGS = {
+    "max_iters": (int, 0, False), "batch_size": (int, 1, False), "block_size": (int, 1, False),
+    "gradient_accumulation_steps": (int, 1, False), "eval_interval": (int, 0, False),
+    "eval_iters": (int, 1, False), "log_interval": (int, 1, False), "warmup_iters": (int, 0, False),
+    "lr_decay_iters": (int, 0, False), "sample_tokens": (int, 0, False), "seed": (int, 0, False),
+    "learning_rate": (float, 0.0, False), "min_lr": (float, 0.0, True), "grad_clip": (float, 0.0, False),
+}
+_MAX_INT = 2**63 - 1  # torch seeds and step counters are int64
+
+
+def check_settings(cfg) -> None:
+    """Every numeric top-level key has the right type and range, or a one-line error names it."""
+    for key, (kind, lowest, nullable) in SETTINGS.items():
+        value = cfg.get(key)
+        if value is None and nullable:
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+        if ok and kind is int:
+            ok = abs(value) <= _MAX_INT and float(value).is_integer()
+        elif ok:
+            ok = abs(value) != float("inf")
+        if not (ok and value >= lowest):
+            what = "an integer" if kind is int else "a finite number"
+            limit = f" and <= {_MAX_INT}" if kind is int else ""
+            raise ConfigError(f"{key}={value!r} must be {what} >= {lowest}{limit}" + (" or null" if nullable else ""))
+
+
+def check_batch_config(cfg, world_size: int) -> tuple[int, int]:
+    """Check the batch settings; returns (accumulation micro-steps per rank, tokens per step)."""
+    check_settings(cfg)
+    if cfg.block_size > cfg.model.block_size:
+        raise ConfigError(
+            f"block_size={cfg.block_size} exceeds the model's context model.block_size={cfg.model.block_size}; "
+            f"set model.block_size={cfg.block_size} or a smaller block_size"
+        )
+    accum = int(cfg.gradient_accumulation_steps)
+    if accum % world_size:
+        raise ConfigError(
+            f"gradient_accumulation_steps={accum} is not divisible by the world size {world_size}; "
+            "the global batch must split evenly over ranks (use a multiple of the number of processes)"
+        )
+    return accum // world_size, accum * int(cfg.batch_size) * int(cfg.block_size)
+
+
+def check_vocab(cfg, tokenizer_vocab: int) -> int:
+    """The model's vocabulary size: ``model.vocab_size`` if set (at least the tokenizer's), else the tokenizer's."""
+    vocab = cfg.model.get("vocab_size") or tokenizer_vocab
+    if vocab < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab} tokens")
+    return int(vocab)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from trainer.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -33,11 +35,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
+            raise ConfigError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
         return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
     if name in ("cpu", "mps"):
         return torch.device(name)
-    raise ValueError(f"device={name!r} is not understood; use auto, cpu, cuda or cuda:N")
+    raise ConfigError(f"device={name!r} is not understood; use auto, cpu, cuda or cuda:N")
 
 
 def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:

@@ -19,12 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from models import GPT, GPTConfig
 from trainer import checkpoint as ckpt
-from trainer.config import build
-from trainer.errors import TrainingError  # noqa: F401  (scripts/train.py imports it from here)
+from trainer.config import build, check_batch_config, check_vocab, config_errors
+from trainer.errors import TrainingError  # noqa: F401  (re-exported: tests import it from here)
 from trainer.data import TokenData, check_block_size, get_batch, sample_offsets
 from trainer.distributed import all_reduce_mean, broadcast_object, init_distributed
 from trainer.precision import Precision
-from trainer.runlog import NullLogger, RunLogger, Timer, peak_memory_bytes, reset_peak_memory
+from trainer.runlog import (NullLogger, RunLogger, Timer, peak_memory_bytes, reset_peak_memory, run_hparams,
+                            step_scalars)
 from trainer.schedule import lr_at
 
 
@@ -58,16 +59,17 @@ class Trainer:
         self.dist, self.device = init_distributed(cfg.device)
         self.run_dir = Path(broadcast_object(str(run_dir), self.dist))  # rank 0's directory everywhere
         self.precision: Precision = build(cfg.precision)
-        self._check_batch_config()
+        self.accum, self.tokens_per_step = check_batch_config(cfg, self.dist.world_size)  # accum: per rank
         self.data = self._load_data()
         self.model_config, self.raw_model = self._build_model()
         self.model, self.fwd_model = self._wrap_model()
         optim_cfg = cfg.optim
         factory = build(optim_cfg)
-        self.optimizer = factory(param_groups(self.raw_model, float(optim_cfg.get("weight_decay", 0.0) or 0.0)))
+        with config_errors():  # the optimizer checks its hyperparameters when given the parameters
+            self.optimizer = factory(param_groups(self.raw_model, float(optim_cfg.get("weight_decay", 0.0) or 0.0)))
         self.scaler = self.precision.make_scaler(self.device)
         self.step, self.best_val_loss, self.skipped_steps = 0, math.inf, 0
-        resume_from = self._resume_path()
+        resume_from = ckpt.resume_path(cfg.get("resume", False), self.run_dir)
         if resume_from is not None:
             self._load(resume_from)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -80,44 +82,6 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # set-up
 
-    # top-level settings: (type, smallest allowed value, may be null)
-    _SETTINGS = {
-        "max_iters": (int, 0, False), "batch_size": (int, 1, False), "block_size": (int, 1, False),
-        "gradient_accumulation_steps": (int, 1, False), "eval_interval": (int, 0, False),
-        "eval_iters": (int, 1, False), "log_interval": (int, 1, False), "warmup_iters": (int, 0, False),
-        "lr_decay_iters": (int, 0, False), "sample_tokens": (int, 0, False), "seed": (int, 0, False),
-        "learning_rate": (float, 0.0, False), "min_lr": (float, 0.0, True), "grad_clip": (float, 0.0, False),
-    }
-
-    def _check_settings(self) -> None:
-        """Every numeric top-level key has the right type and range, or a one-line error names it."""
-        for key, (kind, lowest, nullable) in self._SETTINGS.items():
-            value = self.cfg.get(key)
-            if value is None and nullable:
-                continue
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            ok = ok and (kind is float or float(value).is_integer()) and value >= lowest
-            if not ok:
-                what = "an integer" if kind is int else "a number"
-                raise ValueError(f"{key}={value!r} must be {what} >= {lowest}" + (" or null" if nullable else ""))
-
-    def _check_batch_config(self) -> None:
-        cfg = self.cfg
-        self._check_settings()
-        if cfg.block_size > cfg.model.block_size:
-            raise ValueError(
-                f"block_size={cfg.block_size} exceeds the model's context model.block_size={cfg.model.block_size}; "
-                f"set model.block_size={cfg.block_size} or a smaller block_size"
-            )
-        accum = int(cfg.gradient_accumulation_steps)
-        if accum % self.dist.world_size:
-            raise ValueError(
-                f"gradient_accumulation_steps={accum} is not divisible by the world size {self.dist.world_size}; "
-                "the global batch must split evenly over ranks (use a multiple of the number of processes)"
-            )
-        self.accum = accum // self.dist.world_size  # micro-steps per rank
-        self.tokens_per_step = accum * int(cfg.batch_size) * int(cfg.block_size)
-
     def _load_data(self) -> TokenData:
         # rank 0 prepares (and caches) the corpus first; the others then read the cache
         if self.dist.enabled and not self.dist.is_main:
@@ -129,10 +93,8 @@ class Trainer:
         return data
 
     def _build_model(self) -> tuple[GPTConfig, GPT]:
-        vocab = self.cfg.model.get("vocab_size") or self.data.vocab_size
-        if vocab < self.data.vocab_size:
-            raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's {self.data.vocab_size} tokens")
-        model_config: GPTConfig = build(self.cfg.model, vocab_size=int(vocab))
+        vocab = check_vocab(self.cfg, self.data.vocab_size)
+        model_config: GPTConfig = build(self.cfg.model, vocab_size=vocab)
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank and every run
         attn_fn = build(self.cfg.attn)
         return model_config, GPT(model_config, attn_fn).to(self.device)
@@ -146,22 +108,8 @@ class Trainer:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DDP(fwd, device_ids=ids), fwd
 
-    def _resume_path(self) -> Path | None:
-        resume = self.cfg.get("resume", False)
-        if resume in (False, None, "false", ""):
-            return None
-        if resume is True or resume == "true":
-            path = self.run_dir / ckpt.LAST
-            if not path.exists():
-                raise ckpt.CheckpointError(
-                    f"resume=true but {self.run_dir} has no {ckpt.LAST}; give the run's directory with "
-                    "hydra.run.dir=<run dir>, or resume=<checkpoint or run dir>"
-                )
-            return path
-        return ckpt.resolve_checkpoint_path(resume)
-
     def _load(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path, map_location=self.device)
+        state = ckpt.load_checkpoint(path)  # to CPU first: load_state_dict copies onto the device
         ckpt.check_compatible(state.get("model_args", {}), asdict(self.model_config), str(path))
         if state.get("tokenizer") != self.data.tokenizer.to_dict():
             raise ckpt.CheckpointError(
@@ -186,7 +134,6 @@ class Trainer:
             "step": self.step,
             "best_val_loss": self.best_val_loss,
             "skipped_steps": self.skipped_steps,
-            "rng": {"seed": int(self.cfg.seed), "torch": torch.get_rng_state()},
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "model_args": asdict(self.model_config),
             "tokenizer": self.data.tokenizer.to_dict(),
@@ -320,22 +267,12 @@ class Trainer:
         self.log.write_summary(step=it, best_val_loss=self.best_val_loss, final_val_loss=losses["val"] if final else None)
         return losses
 
-    def _hparams(self) -> dict:
-        cfg = self.cfg
-        return {
-            "attn": cfg.attn._target_.rsplit(".", 1)[-1], "optim": cfg.optim._target_.rsplit(".", 1)[-1],
-            "precision": cfg.precision.name, "lr": float(cfg.learning_rate), "n_layer": cfg.model.n_layer,
-            "n_embd": cfg.model.n_embd, "n_head": cfg.model.n_head, "block_size": int(cfg.block_size),
-            "batch_size": int(cfg.batch_size) * int(cfg.gradient_accumulation_steps), "seed": int(cfg.seed),
-            "params": self.raw_model.num_params(),
-        }
-
     def fit(self) -> dict:
         """Train from ``self.step`` to ``max_iters``; returns the summary (also in summary.json)."""
         cfg, timer = self.cfg, Timer()
         reset_peak_memory(self.device)
         max_iters, eval_interval = int(cfg.max_iters), int(cfg.eval_interval)
-        self.log.hparams(self._hparams())
+        self.log.hparams(run_hparams(cfg, self.raw_model.num_params()))
         self.log.message(
             f"model: {self.raw_model.num_params() / 1e6:.2f}M parameters, vocab {self.model_config.vocab_size}; "
             f"{self.tokens_per_step:,} tokens per step on {self.dist.world_size} process(es), device {self.device}"
@@ -363,13 +300,8 @@ class Trainer:
         return self._finish("completed", timer, tok_rates, final_val_loss=losses.get("val"))
 
     def _log_step(self, it: int, metrics: dict, dt: float) -> None:
-        tok_s = self.tokens_per_step / dt
-        values = {"train/loss": metrics["loss"], "lr": metrics["lr"], "grad_norm": metrics["grad_norm"],
-                  "tokens_per_sec": tok_s, "step_ms": dt * 1000, "memory/peak_bytes": peak_memory_bytes(self.device)}
-        if self.scaler.is_enabled():
-            values.update({"loss_scale": self.scaler.get_scale(), "skipped_steps": self.skipped_steps})
-        self.log.scalars(it, values)
-        self.log.progress(it, metrics["loss"], metrics["lr"], tok_s, dt * 1000)
+        self.log.scalars(it, step_scalars(metrics, dt, self.tokens_per_step, self.device, self.scaler, self.skipped_steps))
+        self.log.progress(it, metrics["loss"], metrics["lr"], self.tokens_per_step / dt, dt * 1000)
 
     def _interrupted(self, timer: Timer, tok_rates: list[float]) -> dict:
         self.save()

@@ -45,6 +45,28 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
 
 
+def step_scalars(metrics: dict, dt: float, tokens_per_step: int, device: torch.device, scaler=None,
+                 skipped_steps: int = 0) -> dict[str, float]:
+    """The TensorBoard scalars of one logged training step."""
+    values = {"train/loss": metrics["loss"], "lr": metrics["lr"], "grad_norm": metrics["grad_norm"],
+              "tokens_per_sec": tokens_per_step / dt, "step_ms": dt * 1000,
+              "memory/peak_bytes": peak_memory_bytes(device)}
+    if scaler is not None and scaler.is_enabled():
+        values.update({"loss_scale": scaler.get_scale(), "skipped_steps": skipped_steps})
+    return values
+
+
+def run_hparams(cfg, num_params: int) -> dict:
+    """The hyperparameters TensorBoard's HPARAMS tab shows for a run."""
+    return {
+        "attn": cfg.attn._target_.rsplit(".", 1)[-1], "optim": cfg.optim._target_.rsplit(".", 1)[-1],
+        "precision": cfg.precision.name, "lr": float(cfg.learning_rate), "n_layer": cfg.model.n_layer,
+        "n_embd": cfg.model.n_embd, "n_head": cfg.model.n_head, "block_size": int(cfg.block_size),
+        "batch_size": int(cfg.batch_size) * int(cfg.gradient_accumulation_steps), "seed": int(cfg.seed),
+        "params": num_params,
+    }
+
+
 class RunLogger:
     """Writes everything a run reports into its run directory."""
 
