@@ -145,3 +145,37 @@ def test_throughput_windows_exclude_the_first_and_what_restart_drops():
     speed.lap()  # 1 step in 53 - 51 = 2 s
     assert speed.summary()["tokens_per_sec"] == pytest.approx(3 * 100 / 50.0)  # steady windows only
     assert speed.lap() is None  # no steps since the last lap
+
+
+# ------------------------------------------------------------------------------------------------
+# in a training run
+
+
+def test_run_logs_mfu_and_tflops_and_profiles(tmp_path, tiny_overrides, monkeypatch, capsys):
+    from conftest import compose_cfg
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import trainer.loop as loop
+
+    events = []
+    real_reset, real_step = loop.reset_peak_memory, loop.Trainer.train_step
+    monkeypatch.setattr(loop, "reset_peak_memory", lambda device: (events.append("reset"), real_reset(device)))
+    monkeypatch.setattr(loop.Trainer, "train_step", lambda self, it: (events.append(it), real_step(self, it))[1])
+    overrides = tiny_overrides + ["max_iters=10", "eval_interval=0", "sample_tokens=0", "profile=true",
+                                  "peak_tflops=0.001", "gradient_accumulation_steps=2"]
+    t = loop.Trainer(compose_cfg(overrides), tmp_path / "run", overrides)
+    summary = t.fit()
+    # the peak-memory window restarts after the first step (warm-up, autotuning), not only before it
+    assert events[:4] == ["reset", 0, "reset", 1]
+    # one process: achieved FLOP/s = FLOPs per token x tokens/s; MFU against the given peak
+    fpt = mfu.model_flops_per_token(t.raw_model, 32)
+    assert summary["tflops"] == pytest.approx(fpt * summary["tokens_per_sec"] / 1e12, rel=1e-6)
+    assert summary["mfu"] == pytest.approx(summary["tflops"] / 0.001, rel=1e-6)
+    ea = EventAccumulator(str(tmp_path / "run"), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert {"mfu", "tflops"} <= set(ea.Tags()["scalars"])
+    out = capsys.readouterr().out
+    assert "TFLOP/s, mfu " in out and "MFU:" in out
+    traces = list((tmp_path / "run" / "profile").glob("*.pt.trace.json"))
+    assert len(traces) == 1 and json.loads(traces[0].read_text())["traceEvents"]
+    assert "aten::mm" in (tmp_path / "run" / "profile" / "top_ops.txt").read_text()

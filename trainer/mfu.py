@@ -260,3 +260,17 @@ class Throughput:
             return {"tokens_per_sec": None, "tflops": None, "mfu": None}
         rates = self.rates(seconds / steps)
         return {k: rates[k] for k in ("tokens_per_sec", "tflops", "mfu")}
+
+
+def meter_for_run(model: torch.nn.Module, device: torch.device, precision: str, *, seq_len: int, micro_batch: int,
+                  tokens_per_step: int, world_size: int, peak_tflops: float | None = None,
+                  cache_dir: str | os.PathLike | None = None) -> MFUMeter:
+    """The :class:`MFUMeter` of a training run (the CPU calibration uses the run's micro-batch shapes)."""
+    if cache_dir is None:
+        from trainer.data import default_cache_dir
+
+        cache_dir = default_cache_dir()
+    cfg = model.config
+    peak, source = peak_flops_for(device, precision, tokens=micro_batch * seq_len, n_embd=cfg.n_embd,
+                                  vocab_size=cfg.vocab_size, cache_dir=cache_dir, peak_tflops=peak_tflops)
+    return MFUMeter(model_flops_per_token(model, seq_len), tokens_per_step, world_size, peak, source)
