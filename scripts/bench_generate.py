@@ -34,6 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=500)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--attn", default="sdpa", choices=sorted(ATTENTION))
+    p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS), help="rows to run")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     return p.parse_args(argv)
 
@@ -53,7 +54,8 @@ def main(argv=None) -> int:
           f"median of {args.rounds} alternated rounds\n")
     print("| model | params | no cache tok/s | KV cache tok/s | speed-up (per round) | same tokens |")
     print("|---|---:|---:|---:|---|---|")
-    for name, shape in MODELS.items():
+    for name in args.models:
+        shape = MODELS[name]
         torch.manual_seed(0)
         model = GPT(GPTConfig(vocab_size=65, **shape), ATTENTION[args.attn]).eval()
         tokens_per_sec(model, 8, True)  # warm-up
