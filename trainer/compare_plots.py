@@ -1,4 +1,5 @@
-"""Plots for :mod:`trainer.compare`: val loss against step and wall time, throughput and memory.
+"""Plots for :mod:`trainer.compare`: val loss against step and wall time, throughput and memory,
+and (with ``best_by``) final val loss against lr, one line per component.
 
 Matplotlib is an optional extra (``pip install -e '.[plot]'``), imported only by :func:`write_plots`.
 """
@@ -10,7 +11,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from trainer.compare import CompareError, Group, _fmt, _mean, _std
+from trainer.compare import CompareError, Group, mean_std
+from trainer.compare_best import final_loss, group_lr
+from trainer.compare_table import _fmt
 
 MATPLOTLIB_HINT = "matplotlib is not installed: pip install -e '.[plot]'"
 
@@ -64,9 +67,8 @@ def _resource_plot(plt: Any, groups: Sequence[Group], keys: Sequence[str], file:
     fig, axes = plt.subplots(1, 2, figsize=(12, 1.5 + 0.5 * len(groups)), sharey=True)
     for ax, metric, title in ((axes[0], "tokens_per_sec", "tokens/s"),
                               (axes[1], "peak_mem_mb", "peak memory (MB)")):
-        values = [[getattr(r, metric) for r in g.runs] for g in groups]
-        means = [_mean(v) for v in values]
-        errs = [_std(v) or 0.0 for v in values]
+        stats = [mean_std(g.numbers(metric)) for g in groups]
+        means, errs = [m for m, _ in stats], [s or 0.0 for _, s in stats]
         ax.barh(labels, [m or 0.0 for m in means], xerr=errs, color="tab:blue", alpha=0.8)
         for y, m in enumerate(means):
             ax.text(m or 0.0, y, f" {_fmt(m, 0 if metric == 'tokens_per_sec' else 1)}", va="center",
@@ -79,8 +81,42 @@ def _resource_plot(plt: Any, groups: Sequence[Group], keys: Sequence[str], file:
     plt.close(fig)
 
 
-def write_plots(groups: Sequence[Group], out_dir: str | os.PathLike, keys: Sequence[str] = ()) -> list[Path]:
-    """Val loss vs step, val loss vs wall-clock time, and tokens/s + peak memory bars, as PNGs.
+def _lr_plot(plt: Any, groups: Sequence[Group], key: str, chosen: Sequence[Group], file: Path) -> None:
+    """Final val loss (mean ± std over seeds) against lr, one line per value of ``key``; the chosen
+    (best) setting of each is starred, lrs whose runs did not finish are marked on the top edge."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    failed: list[tuple[float, str]] = []  # (lr, color)
+    for name in dict.fromkeys(g.setting(key) for g in groups):
+        points = sorted(((group_lr(g), final_loss(g), g) for g in groups
+                         if g.setting(key) == name and group_lr(g) is not None), key=lambda p: p[0])
+        done = [(lr, loss, g) for lr, loss, g in points if loss is not None]
+        errs = [mean_std(g.numbers("final_val_loss"))[1] or 0.0 for _, _, g in done]
+        bars = ax.errorbar([p[0] for p in done], [p[1] for p in done], yerr=errs, marker="o",
+                           capsize=3, label=f"{key}={name}")
+        color = bars.lines[0].get_color()
+        best = [(lr, loss) for lr, loss, g in done if any(g is c for c in chosen)]
+        ax.plot([b[0] for b in best], [b[1] for b in best], "*", markersize=16, color=color)
+        failed += [(lr, color) for lr, loss, _ in points if loss is None]
+    top = ax.get_ylim()[1]
+    for lr, color in failed:
+        ax.plot(lr, top, "x", markersize=9, color=color, clip_on=False)
+    ax.set_ylim(top=top)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("final val loss")
+    ax.set_title("mean ± std over seeds; ★ best per line; × on the top edge: did not finish", fontsize="small")
+    ax.grid(alpha=0.3, which="both")
+    if ax.lines:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(file, dpi=100)
+    plt.close(fig)
+
+
+def write_plots(groups: Sequence[Group], out_dir: str | os.PathLike, keys: Sequence[str] = (),
+                best_by: str | None = None, candidates: Sequence[Group] = ()) -> list[Path]:
+    """Val loss vs step, val loss vs wall-clock time, and tokens/s + peak memory bars, as PNGs;
+    with ``best_by``, also final val loss vs lr over every group in ``candidates``.
 
     Lines and bars are labelled by the table's columns ``keys`` (run paths when empty)."""
     try:
@@ -96,6 +132,7 @@ def write_plots(groups: Sequence[Group], out_dir: str | os.PathLike, keys: Seque
     _loss_plot(plt, groups, keys, by_time=False, file=files[0])
     _loss_plot(plt, groups, keys, by_time=True, file=files[1])
     _resource_plot(plt, groups, keys, files[2])
+    if best_by:
+        files.append(out / "lr_sensitivity.png")
+        _lr_plot(plt, candidates or groups, best_by, groups, files[-1])
     return files
-
-
