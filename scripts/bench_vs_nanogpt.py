@@ -114,7 +114,8 @@ def nanogpt_cmd(args, out_dir: Path) -> list[str]:
     opts = dict(dataset="gptlab_shakespeare", device="cpu", compile=False, dtype="float32", bias=True,
                 dropout=0.0, learning_rate=1e-3, min_lr=1e-4, beta2=0.99, weight_decay=0.1, grad_clip=1.0,
                 warmup_iters=100, lr_decay_iters=n, max_iters=n, eval_interval=n + 1000, eval_iters=1,
-                log_interval=10, always_save_checkpoint=False, out_dir=str(out_dir), **RECIPE)
+                log_interval=10, always_save_checkpoint=False, out_dir=str(out_dir), gradient_accumulation_steps=1,
+                **RECIPE)  # nanoGPT defaults to 40 accumulation steps (its GPT-2 recipe)
     return [sys.executable, str(args.nanogpt.resolve() / "train.py"),
             *(f"--{k}={v}" for k, v in opts.items()), *args.nanogpt_args]
 
