@@ -122,6 +122,9 @@ def nanogpt_cmd(args, out_dir: Path) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.iters <= 100:  # nanoGPT's cosine schedule divides by (lr_decay_iters - warmup_iters)
+        print("error: --iters must exceed the recipe's 100 warmup steps", file=sys.stderr)
+        return 2
     if not (args.nanogpt / "train.py").is_file():
         print(f"error: {args.nanogpt} has no train.py; give the path of a nanoGPT checkout", file=sys.stderr)
         return 2
