@@ -1,23 +1,34 @@
 """Time optimizer.step() for our optimizers against torch.optim on a real model's parameter set.
 
     python scripts/bench_optim.py --model nano,gpt2 --steps 10 --warmup 3 --rounds 3 [--threads 1]
+    python scripts/bench_optim.py --baseline /tmp/old   # also an older trainer/optim, side by side
+
+``--baseline DIR`` takes a checkout (e.g. ``git archive <commit> trainer/optim | tar -x -C DIR``)
+and adds its ``old foreach`` / ``old single`` rows to the same interleaved rounds, with the ratio
+of ours to it: how a change to the optimizers moved their speed, measured under the same load.
 
 Each optimizer kind builds every implementation on the same parameters and gradients, then
 interleaves single steps (A B C A B C ...) so machine noise hits all of them alike; the table reports the
-median step time over all rounds and the ratio to torch.optim's foreach implementation (Lion, which
-torch lacks, is compared with our foreach AdamW).
+median step time over all rounds and the ratio to torch.optim's foreach implementation (its only
+one for Muon; Lion, which torch lacks, is compared with our foreach AdamW), with the per-round
+ratios in brackets.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 import trainer.optim as ours
 from models.gpt import GPT, GPTConfig
+
+BASELINE = None  # trainer.optim from --baseline's checkout
 
 MODELS = {
     "nano": GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128),
@@ -30,7 +41,27 @@ KINDS = {
     "Adam": (dict(lr=1e-3, betas=(0.9, 0.99)), torch.optim.Adam),
     "SGD": (dict(lr=1e-2, momentum=0.9, nesterov=True), torch.optim.SGD),
     "Lion": (dict(lr=3e-4, betas=(0.9, 0.99), weight_decay=0.3), None),
+    "Adafactor": (dict(lr=1e-2), torch.optim.Adafactor),
+    "Muon": (dict(lr=0.02, momentum=0.95), torch.optim.Muon),  # 2-D parameters only
 }
+
+
+def import_baseline(src: Path):
+    """``trainer.optim`` as it is in another checkout, imported beside ours: the ``trainer``
+    package's path points at ``src`` while it imports, and our modules are put back after."""
+    import trainer
+
+    ours_modules = {k: sys.modules.pop(k) for k in list(sys.modules) if k.startswith("trainer.optim")}
+    saved_path = list(trainer.__path__)
+    trainer.__path__[:] = [str(src / "trainer")]
+    try:
+        module = importlib.import_module("trainer.optim")
+    finally:
+        trainer.__path__[:] = saved_path
+        for k in [k for k in sys.modules if k.startswith("trainer.optim")]:
+            sys.modules.pop(k)
+        sys.modules.update(ours_modules)
+    return module
 
 
 def make_params(cfg: GPTConfig, device: torch.device) -> list[torch.Tensor]:
@@ -49,13 +80,24 @@ def make_params(cfg: GPTConfig, device: torch.device) -> list[torch.Tensor]:
 def implementations(kind: str, params: list[torch.Tensor], device: torch.device) -> dict:
     """name -> optimizer, all on the same params (the values drift, which does not change timing)."""
     kwargs, torch_cls = KINDS[kind]
+    if kind == "Muon":
+        params = [p for p in params if p.dim() == 2]
     ours_cls = getattr(ours, kind)
-    impls = {
-        "ours foreach": ours_cls(params, foreach=True, **kwargs),
-        "ours single": ours_cls(params, foreach=False, **kwargs),
-    }
+    if kind == "Muon":  # no foreach argument (torch's has none): one path
+        impls = {"ours single": ours_cls(params, **kwargs)}
+    else:
+        impls = {
+            "ours foreach": ours_cls(params, foreach=True, **kwargs),
+            "ours single": ours_cls(params, foreach=False, **kwargs),
+        }
+    if BASELINE is not None and hasattr(BASELINE, kind):
+        impls["old foreach"] = getattr(BASELINE, kind)(params, foreach=True, **kwargs)
+        impls["old single"] = getattr(BASELINE, kind)(params, foreach=False, **kwargs)
     if torch_cls is not None:
-        impls["torch foreach"] = torch_cls(params, foreach=True, **kwargs)
+        if kind == "Muon":  # torch's Muon has one path
+            impls["torch single"] = torch_cls(params, **kwargs)
+        else:
+            impls["torch foreach"] = torch_cls(params, foreach=True, **kwargs)
         try:  # fused kernels exist for some (optimizer, device) pairs only
             fused = torch_cls(params, fused=True, **kwargs)
             fused.step()
@@ -78,17 +120,28 @@ def time_steps(opt: torch.optim.Optimizer, n: int, sync: Callable[[], None]) -> 
     return times
 
 
-def bench_kind(kind: str, params, device, steps: int, warmup: int, rounds: int) -> dict[str, float]:
+def bench_kind(kind: str, params, device, steps: int, warmup: int, rounds: int) -> dict[str, list[list[float]]]:
+    """name -> per-round lists of step times (ms)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     impls = implementations(kind, params, device)
     for opt in impls.values():
         time_steps(opt, warmup, sync)
-    samples: dict[str, list[float]] = {name: [] for name in impls}
+    samples: dict[str, list[list[float]]] = {name: [] for name in impls}
     for _ in range(rounds):
+        for ts in samples.values():
+            ts.append([])
         for _ in range(steps):  # interleave single steps: load spikes then hit every impl alike
             for name, opt in impls.items():
-                samples[name] += time_steps(opt, 1, sync)
-    return {name: statistics.median(ts) for name, ts in samples.items()}
+                samples[name][-1] += time_steps(opt, 1, sync)
+    return samples
+
+
+def ratio_cell(ours: list[list[float]], base: list[list[float]]) -> str:
+    """Median ratio, then the per-round ratios of medians."""
+    med = statistics.median
+    overall = med(sum(ours, [])) / med(sum(base, []))
+    rounds = ", ".join(f"{med(o) / med(b):.2f}" for o, b in zip(ours, base))
+    return f"{overall:.2f} ({rounds})"
 
 
 def main() -> None:
@@ -104,25 +157,31 @@ def main() -> None:
         help="CPU intra-op threads (0: torch's default). On a shared machine 1 avoids OpenMP "
         "oversubscription, which otherwise dominates the timings",
     )
+    parser.add_argument("--baseline", type=Path, help="a checkout whose trainer/optim to time beside ours")
     args = parser.parse_args()
+    global BASELINE
+    if args.baseline:
+        BASELINE = import_baseline(args.baseline)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__}\n")
-    print("| model | optimizer | impl | median step ms | ours / torch foreach |")
-    print("|---|---|---|---:|---:|")
+    print("| model | optimizer | impl | median step ms | / torch (foreach) | ours / old, per round |")
+    print("|---|---|---|---:|---:|---:|")
     for model in args.model.split(","):
         params = make_params(MODELS[model], device)
         for kind in args.optim.split(","):
-            medians = bench_kind(kind, params, device, args.steps, args.warmup, args.rounds)
-            base_name = "torch foreach" if "torch foreach" in medians else "ours AdamW foreach"
-            base = medians[base_name]
-            for name, ms in medians.items():
-                ratio = f"{ms / base:.2f}" if name.startswith("ours") and name != base_name else ""
-                if name.startswith("ours") and base_name != "torch foreach":
-                    ratio = f"{ms / base:.2f} (vs our AdamW)" if name != base_name else ""
-                print(f"| {model} | {kind} | {name} | {ms:.2f} | {ratio} |", flush=True)
+            samples = bench_kind(kind, params, device, args.steps, args.warmup, args.rounds)
+            base_name = next((n for n in ("torch foreach", "torch single", "ours AdamW foreach") if n in samples))
+            for name, ts in samples.items():
+                vs_torch = ratio_cell(ts, samples[base_name]) if name.startswith(("ours", "old")) and name != base_name else ""
+                if vs_torch and base_name == "ours AdamW foreach":
+                    vs_torch += " vs our AdamW"
+                old = name.replace("ours", "old")
+                vs_old = ratio_cell(ts, samples[old]) if name.startswith("ours") and old in samples else ""
+                print(f"| {model} | {kind} | {name} | {statistics.median(sum(ts, [])):.2f} | {vs_torch} | {vs_old} |",
+                      flush=True)
         del params
 
 

@@ -417,9 +417,9 @@ def test_best_by_picks_each_components_best_lr(lr_sweep):
     assert lion["target_reached"] == "3/3" and lion["steps_to_target"] == pytest.approx(75)
     assert sgd["target_reached"] == "0/1" and sgd["steps_to_target"] is None
     never = [n for n in notes if n.startswith("never reached val loss 1.96")]
-    assert never == ["never reached val loss 1.96: optim=adamw,optim.lr=0.001,seed=1 (best 1.9700)",
-                     "never reached val loss 1.96: optim=sgd,optim.lr=0.3,seed=0 (best 1.9700)"]
-    assert any("optim=sgd,optim.lr=1.0,seed=0 (diverged (step 40/100))" in n for n in notes)
+    assert never == ["never reached val loss 1.96: optim=adamw, optim.lr=0.001, seed=1 (best 1.9700)",
+                     "never reached val loss 1.96: optim=sgd, optim.lr=0.3, seed=0 (best 1.9700)"]
+    assert any("optim=sgd, optim.lr=1, seed=0 (diverged (step 40/100))" in n for n in notes)
     assert any("(adamw: 3, lion: 2, sgd: 2)" in n for n in notes)  # settings tried per optimizer
 
 
@@ -428,11 +428,12 @@ def test_best_by_table_csv_json_and_lr_plot(lr_sweep, tmp_path, capsys):
     args = [str(lr_sweep), "--best-by", "optim", "--baseline", "optim=adamw", "--target", "1.96"]
     assert script.main(args + ["--plot-dir", str(tmp_path / "plots")]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == ("| run | optim | optim.lr | seeds | n | lr | final val loss | best val loss | p vs optim=adamw "
-                      "| reached 1.96 | steps to 1.96 | tokens to 1.96 | time to 1.96 (s) | steps | tokens/s "
-                      "| peak mem (MB) | wall time (s) | status |")
+    assert out[0] == ("| run | optim | optim.lr | seeds | n | lr | final val loss | best val loss "
+                      "| p vs optim=adamw | reached 1.96 | steps to 1.96 | tokens to 1.96 | time to 1.96 (s) "
+                      "| steps | tokens/s | peak mem (MB) | wall time (s) | status |")
     lion, adamw, sgd = out[2:5]
-    assert lion.startswith("| optim=lion,optim.lr=0.0001,seed=* | lion | 0.0001 | 0,1,2 | 3 | 0.0001 | 1.8000 ± 0.0100 |")
+    assert lion.startswith("| optim=lion,optim.lr=0.0001,seed=* | lion | 0.0001 | 0,1,2 | 3 | 0.0001 "
+                           "| 1.8000 ± 0.0100 |")
     assert "| baseline | 2/3 | 75 | 2400 | 37.5 |" in adamw
     assert "| 1.9700 | 1.9700 | 1 seed | 0/1 | - | - | - |" in sgd
     assert out[5] == "" and all(line.startswith("- ") for line in out[6:])
@@ -475,29 +476,51 @@ def test_baseline_without_best_by_and_bad_flags(lr_sweep, capsys):
         assert message in err and len(err.splitlines()) == 1, err
 
 
+def test_best_by_names_a_component_with_no_completed_run(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for optim, status in [("adamw", "completed"), ("sgd", "diverged")]:
+        overrides = [f"optim={optim}"]
+        make_run(root, overrides[0], make_config(optim=optim), {"val/loss": val_curve([3.0, 2.5])},
+                 done(status=status, step=50), overrides=overrides)
+    assert load_script().main([str(root), "--best-by", "optim", "--target", "2.0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + 1 + 1 + 4 and lines[2].startswith("| optim=adamw | adamw |")
+    assert lines[-3:] == ["- not considered (no finite final val loss): optim=sgd, seed=0 "
+                          "(diverged (step 50/100))", "- no completed run for optim = sgd",
+                          "- never reached val loss 2.0: optim=adamw, seed=0 (best 2.5000)"]
+
+
 def test_bpb_and_mfu_columns_only_when_logged(tmp_path, capsys):
     root = tmp_path / "runs"
     make_run(root, "old", make_config(), {"val/loss": val_curve([2.5, 2.4])}, done())
-    make_run(root, "new", make_config("sdpa"), {"val/loss": val_curve([2.3, 2.2]), "val/bpb": val_curve([3.3, 3.1]),
-                                                "mfu": [(10, 0.3), (20, 0.4)]},
+    make_run(root, "new", make_config("sdpa"),
+             {"val/loss": val_curve([2.3, 2.2]), "val/bpb": val_curve([3.3, 3.1]), "mfu": [(10, 0.3), (20, 0.4)]},
              done(final_val_bpb=3.1, best_val_bpb=3.1, mfu=0.25), overrides=["attn=sdpa"])
     # a run still going: numbers from its curves (the summary's are placeholders)
-    make_run(root, "running", make_config("sdpa", seed=1), {"val/loss": val_curve([2.6]),
-                                                             "val/bpb": val_curve([3.6]), "mfu": [(10, 0.3), (20, 0.4)]},
+    make_run(root, "running", make_config("sdpa", seed=1),
+             {"val/loss": val_curve([2.6]), "val/bpb": val_curve([3.6]), "mfu": [(10, 0.3), (20, 0.4)]},
              {"status": "running", "step": 0, "mfu": None, "final_val_bpb": None}, overrides=["attn=sdpa"])
+    # the data pipeline's summary key for the last eval's bpb is val_bpb: read as the final one
+    make_run(root, "new_no_events", make_config("sdpa", max_iters=50), {}, done(val_bpb=3.0, best_val_bpb=2.9),
+             overrides=["attn=sdpa", "max_iters=50"])
     _, rows, _ = cmp.compare(root)
-    new, old, running = rows
-    assert (new["final_val_bpb"], new["best_val_bpb"], new["mfu"]) == (pytest.approx(3.1), pytest.approx(3.1), 0.25)
+    assert rows[-1]["run"] == "new_no_events"  # no val loss: last
+    assert (rows[-1]["final_val_bpb"], rows[-1]["best_val_bpb"]) == (3.0, 2.9)
+    new, old, running = rows[:3]
+    assert new["final_val_bpb"] == pytest.approx(3.1) and new["best_val_bpb"] == pytest.approx(3.1)
+    assert new["mfu"] == 0.25  # the summary's number wins over the curve's mean (0.35)
     assert (old["final_val_bpb"], old["best_val_bpb"], old["mfu"]) == (None, None, None)
     assert running["final_val_bpb"] == pytest.approx(3.6) and running["mfu"] == pytest.approx(0.35)
     assert load_script().main([str(root)]) == 0
     lines = capsys.readouterr().out.splitlines()
     header = lines[0].strip("| ").split(" | ")
-    assert header[5:9] == ["final val bpb", "best val bpb", "steps", "tokens/s"] and "MFU (%)" in header
-    cells = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ") for line in lines[2:]}
+    bpb = header.index("final val bpb")
+    assert header[bpb - 2:bpb + 4] == ["final val loss", "best val loss", "final val bpb", "best val bpb", "steps",
+                                       "tokens/s"] and "MFU (%)" in header
+    cells = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ") for line in lines[2:6]}
     mfu = header.index("MFU (%)")
-    assert cells["new"][5:7] == ["3.1000", "3.1000"] and cells["new"][mfu] == "25.0"
-    assert cells["old"][5:7] == ["-", "-"] and cells["old"][mfu] == "-"
+    assert cells["new"][bpb:bpb + 2] == ["3.1000", "3.1000"] and cells["new"][mfu] == "25.0"
+    assert cells["old"][bpb:bpb + 2] == ["-", "-"] and cells["old"][mfu] == "-"
 
 
 # ------------------------------------------------------------------------- Student t and Welch
@@ -595,17 +618,19 @@ def test_real_two_by_two_sweep(tmp_path, capsys):
         assert row["best_val_loss"] is not None and np.isfinite(row["best_val_loss"])
         assert row["best_val_loss"] <= row["final_val_loss"]
         assert row["steps"] is not None and row["tokens_per_sec"] > 0 and row["wall_time_s"] > 0
+        # the trainer logs val/bpb: on ASCII text with one token per character, bits per byte is
+        # the val loss (nats per token) over ln 2
+        assert row["final_val_bpb"] == pytest.approx(row["final_val_loss"] / math.log(2), rel=1e-3)
     assert [r["best_val_loss"] for r in rows] == sorted(r["best_val_loss"] for r in rows)
     for name in ("val_loss_vs_step.png", "val_loss_vs_time.png", "throughput_memory.png"):
         assert (plots / name).read_bytes()[:8] == PNG_MAGIC
 
     assert load_script().main([str(sweep)]) == 0
     table = capsys.readouterr().out.strip().splitlines()
-    assert len(table) == 2 + 4
+    assert len(table) == 2 + 4 and "| final val bpb | best val bpb |" in table[0]
 
 
 @pytest.mark.parametrize("experiment, group, options", [
-    ("attention", "attn", ["naive", "online", "sdpa"]),
     ("optimizers", "optim", ["sgd", "adam", "adamw", "lion"]),
     ("precision", "precision", ["fp32", "bf16", "fp16"]),
 ])

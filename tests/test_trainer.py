@@ -203,7 +203,8 @@ def test_every_config_option_composes_and_instantiates(group, option):
     elif group == "attn":
         assert callable(instantiate(cfg.attn))
     elif group == "optim":
-        opt = instantiate(cfg.optim)([torch.nn.Parameter(torch.zeros(2))])
+        policy_free = {k: v for k, v in cfg.optim.items() if k != "param_groups"}  # built apart by the trainer
+        opt = instantiate(policy_free)([torch.nn.Parameter(torch.zeros(2, 2))])  # 2-D: Muon takes matrices only
         assert type(opt).__module__.startswith("trainer.optim") and opt.param_groups[0]["lr"] == cfg.optim.lr
     elif group == "precision":
         assert instantiate(cfg.precision).name == option

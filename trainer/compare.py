@@ -85,7 +85,10 @@ class Run:
 
     def _pick(self, key: str, tag: str, reduce: Callable[[list[float]], Any], curve_first: bool) -> Any:
         # Numbers in an unfinished summary are placeholders from the start of the run: not used.
-        from_summary = self.summary.get(key) if self.status != "incomplete" else None
+        # "a|b": the summary key a, else b.
+        keys = key.split("|")
+        from_summary = next((self.summary[k] for k in keys if self.summary.get(k) is not None), None)
+        from_summary = from_summary if self.status != "incomplete" else None
         from_curve = reduce(self.scalars[tag].values) if tag in self.scalars else None
         first, second = (from_curve, from_summary) if curve_first else (from_summary, from_curve)
         return first if first is not None else second
@@ -100,7 +103,7 @@ class Run:
         return {
             "final_val_loss": self._pick("final_val_loss", "val/loss", itemgetter(-1), True),
             "best_val_loss": self._pick("best_val_loss", "val/loss", _best, True),
-            "final_val_bpb": self._pick("final_val_bpb", "val/bpb", itemgetter(-1), True),
+            "final_val_bpb": self._pick("final_val_bpb|val_bpb", "val/bpb", itemgetter(-1), True),
             "best_val_bpb": self._pick("best_val_bpb", "val/bpb", _best, True),
             "tokens_per_sec": self._pick("tokens_per_sec", "tokens_per_sec", np.mean, False),
             "mfu": self._pick("mfu", "mfu", np.mean, False),
@@ -207,6 +210,11 @@ def table_keys(runs: Sequence[Run], all_keys: bool = False) -> list[str]:
     return [k for k in keys if k not in NOT_SETUP and len({_hashable(r.value(k)) for r in configured}) > 1]
 
 
+def setting(run: Run, key: str) -> str:
+    """A run's value for ``key`` as a table shows it (``AdamW`` for ``trainer.optim.AdamW``)."""
+    return _cell(_display(run.value(key)))
+
+
 @dataclass
 class Group:
     """Runs that differ only by seed (or a single run)."""
@@ -215,8 +223,7 @@ class Group:
     values: dict[str, Any]
 
     def setting(self, key: str) -> str:
-        """The group's value for ``key`` as a table shows it (``AdamW`` for ``trainer.optim.AdamW``)."""
-        return _cell(_display(self.runs[0].value(key)))
+        return setting(self.runs[0], key)
 
     def short_label(self, keys: Sequence[str]) -> str:
         """``attn=naive, optim=adamw`` from the table's columns; the run path(s) when there are none."""

@@ -14,9 +14,15 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from trainer.compare import CompareError, Group, Run, mean_std, sort_rows, summarize
+from trainer.compare import CompareError, Group, Run, mean_std, setting, sort_rows, summarize
 from trainer.compare_table import _fmt
 from trainer.stats import welch_t_test
+
+
+def run_name(run: Run, keys: Sequence[str]) -> str:
+    """``optim=lion, optim.lr=0.003, seed=1``: the table's columns and the seed; else the path."""
+    seed = [f"seed={run.config['seed']}"] if "seed" in run.config else []
+    return ", ".join([f"{k}={setting(run, k)}" for k in keys] + seed) if keys else run.rel
 
 
 def run_lr(run: Run) -> float | None:
@@ -37,7 +43,7 @@ def final_loss(group: Group) -> float | None:
     return loss if finished and loss is not None and math.isfinite(loss) else None
 
 
-def pick_best(groups: Sequence[Group], key: str) -> tuple[list[Group], list[str]]:
+def pick_best(groups: Sequence[Group], key: str, keys: Sequence[str] = ()) -> tuple[list[Group], list[str]]:
     """For each value of ``key``, the group with the lowest mean final val loss; and notes on what
     was left out (runs that did not complete, values with no completed run)."""
     if all(g.setting(key) == "-" for g in groups):
@@ -53,7 +59,7 @@ def pick_best(groups: Sequence[Group], key: str) -> tuple[list[Group], list[str]
     left_out = [r for g in groups if final_loss(g) is None for r in g.runs]
     if left_out:
         notes.append("not considered (no finite final val loss): "
-                     + ", ".join(f"{r.rel} ({r.status_label})" for r in left_out))
+                     + "; ".join(f"{run_name(r, keys)} ({r.status_label})" for r in left_out))
     missing = sorted({g.setting(key) for g in groups} - set(best))
     if missing:
         notes.append(f"no completed run for {key} = " + ", ".join(missing))
@@ -130,7 +136,7 @@ def report(groups: Sequence[Group], keys: Sequence[str], best_by: str | None = N
     """The table's groups and rows (sorted) with the extra columns asked for, and notes under it."""
     notes: list[str] = []
     if best_by:
-        groups, notes = pick_best(groups, best_by)
+        groups, notes = pick_best(groups, best_by, keys)
     rows = [summarize(g, keys) for g in groups]
     base = find_baseline(groups, baseline) if baseline else None
     for group, row in zip(groups, rows):
@@ -139,8 +145,8 @@ def report(groups: Sequence[Group], keys: Sequence[str], best_by: str | None = N
         if target is not None:
             numbers, never = target_numbers(group, target)
             row.update(numbers)
-            notes += [f"never reached val loss {target:g}: {r.rel} (best {_fmt(r.numbers['best_val_loss'], 4)})"
-                      for r in never]
+            notes += [f"never reached val loss {target}: {run_name(r, keys)} "
+                      f"(best {_fmt(r.numbers['best_val_loss'], 4)})" for r in never]
         if base is not None:
             row["p_value"], row["p_value_note"] = p_value(group, base)
     if base is not None:

@@ -15,9 +15,10 @@ from trainer.compare import MISSING, WITH_STD, _cell
 
 # (markdown header, row key, digits). Headers with {target} / {baseline} are filled in per table.
 METRICS = [
-    ("n", "n", 0), ("lr", "lr", None), ("final val loss", "final_val_loss", 4), ("best val loss", "best_val_loss", 4),
-    ("p vs {baseline}", "p_value", None), ("final val bpb", "final_val_bpb", 4),
-    ("best val bpb", "best_val_bpb", 4), ("reached {target}", "target_reached", 0),
+    ("n", "n", 0), ("lr", "lr", None), ("final val loss", "final_val_loss", 4),
+    ("best val loss", "best_val_loss", 4), ("p vs {baseline}", "p_value", None),
+    ("final val bpb", "final_val_bpb", 4), ("best val bpb", "best_val_bpb", 4),
+    ("reached {target}", "target_reached", 0),
     ("steps to {target}", "steps_to_target", 0), ("tokens to {target}", "tokens_to_target", 0),
     ("time to {target} (s)", "time_to_target_s", 1), ("steps", "steps", 0),
     ("tokens/s", "tokens_per_sec", 0), ("MFU (%)", "mfu", 1), ("peak mem (MB)", "peak_mem_mb", 1),
@@ -89,15 +90,16 @@ def to_markdown(rows: Sequence[dict[str, Any]], keys: Sequence[str], notes: Sequ
 def to_csv(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
     names = ["n", "seeds"]
     for _, key, _ in metric_columns(rows):
-        if key != "n":
-            names += [key, f"{key}_std"] if key in WITH_STD else [key, f"{key}_note"] if key == "p_value" else [key]
+        if key != "n":  # already first
+            names += [key] + ([f"{key}_std"] if key in WITH_STD else [f"{key}_note"] if key == "p_value" else [])
     names.append("status")
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["run", *keys, *names])
     for row in rows:
         metrics = [" ".join(map(str, row[m])) if m == "seeds" else row.get(m) for m in names]
-        writer.writerow([row["run"], *(row["config"][k] for k in keys), *("" if v is None else v for v in metrics)])
+        writer.writerow([row["run"], *(row["config"][k] for k in keys),
+                         *("" if v is None else v for v in metrics)])
     return out.getvalue()
 
 

@@ -20,29 +20,15 @@ from models import GPT, GPTConfig
 from trainer import checkpoint as ckpt
 from trainer.config import build, check_batch_config, check_vocab, config_errors
 from trainer.errors import TrainingError  # noqa: F401  (re-exported: tests import it from here)
-from trainer.data import TokenData, check_block_size, get_batch, sample_offsets
-from trainer.distributed import all_reduce_mean, broadcast_object, init_distributed
+from trainer.data import TokenData, check_block_size, eval_window_count, eval_window_starts, get_batch, sample_offsets
+from trainer.distributed import broadcast_object, init_distributed
 from trainer.mfu import Throughput, meter_for_run
 from trainer.precision import Precision
 from trainer.profiling import StepProfiler
 from trainer.runlog import (NullLogger, RunLogger, Timer, peak_memory_bytes, reset_peak_memory, run_hparams,
                             step_scalars)
-from trainer.schedule import lr_at
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay the weights of matmuls only; biases, norms and embeddings are not decayed.
-
-    The token embedding is tied to the LM head: it is treated as an embedding (no decay), since
-    decay would pull the rows of rare tokens towards zero between their rare updates.
-    """
-    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)} - embedding_ids
-    decay, no_decay = [], []
-    for p in model.parameters():  # each shared tensor once
-        if p.requires_grad:
-            (decay if id(p) in decay_ids else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+from trainer.optim.param_groups import param_groups  # noqa: F401  (the default policy; tests import it here)
+from trainer.schedule import Constant
 
 
 def step_seed(seed: int, it: int, stream: int) -> int:
@@ -64,13 +50,13 @@ class Trainer:
         self.data = self._load_data()
         self.model_config, self.raw_model = self._build_model()
         self.model, self.fwd_model = self._wrap_model()
-        optim_cfg = cfg.optim
-        factory = build(optim_cfg)
         with config_errors():  # the optimizer checks its hyperparameters when given the parameters
-            self.optimizer = factory(param_groups(self.raw_model, float(optim_cfg.get("weight_decay", 0.0) or 0.0)))
+            self.optimizer = self._build_optimizer()
+        self.schedule = build(cfg.schedule) if cfg.decay_lr else Constant(float(cfg.learning_rate))
         self.scaler = self.precision.make_scaler(self.device)
         self._skipped_on_device = None  # fp16: steps the scaler skipped since the last read (a device tensor)
         self.step, self.best_val_loss, self.skipped_steps = 0, math.inf, 0
+        self.best_val_bpb = math.inf
         resume_from = ckpt.resume_path(cfg.get("resume", False), self.run_dir)
         if resume_from is not None:
             self._load(resume_from)
@@ -85,17 +71,16 @@ class Trainer:
     # set-up
 
     def _load_data(self) -> TokenData:
-        # rank 0 prepares (and caches) the corpus first; the others then read the cache
-        if self.dist.enabled and not self.dist.is_main:
-            dist.barrier()
+        # Under torchrun the first rank to take the data's file lock prepares it (with a progress bar)
+        # while the others wait on the lock, which never times out (a barrier would), then read it.
         data = build(self.cfg.data)
-        if self.dist.enabled and self.dist.is_main:
-            dist.barrier()
         check_block_size(data, int(self.cfg.block_size))
         return data
 
     def _build_model(self) -> tuple[GPTConfig, GPT]:
         vocab = check_vocab(self.cfg, self.data.vocab_size)
+        if not self.cfg.model.get("vocab_size"):
+            vocab = self.data.model_vocab_size  # a large vocabulary padded to a multiple of 64 (data.py)
         model_config: GPTConfig = build(self.cfg.model, vocab_size=vocab)
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank and every run
         attn_fn = build(self.cfg.attn)
@@ -110,6 +95,13 @@ class Trainer:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DDP(fwd, device_ids=ids), fwd
 
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer over the groups its ``param_groups`` policy makes (default: decay matmuls)."""
+        optim_cfg = OmegaConf.to_container(self.cfg.optim, resolve=True)
+        policy = optim_cfg.pop("param_groups", None) or {"_target_": "trainer.optim.ParamGroups"}
+        groups = build(policy)(self.raw_model, float(optim_cfg.get("weight_decay") or 0.0))
+        return build(optim_cfg)(groups)
+
     def _load(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path)  # to CPU first: load_state_dict copies onto the device
         ckpt.check_compatible(state.get("model_args", {}), asdict(self.model_config), str(path))
@@ -123,6 +115,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.best_val_loss = float(state.get("best_val_loss", math.inf))
+        self.best_val_bpb = float(state.get("best_val_bpb", math.inf))
         self.skipped_steps = int(state.get("skipped_steps", 0))
 
     # ------------------------------------------------------------------------------------------
@@ -135,6 +128,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "best_val_loss": self.best_val_loss,
+            "best_val_bpb": self.best_val_bpb,
             "skipped_steps": self.skipped_steps,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "model_args": asdict(self.model_config),
@@ -153,12 +147,7 @@ class Trainer:
     # one optimizer step
 
     def lr(self, it: int) -> float:
-        cfg = self.cfg
-        peak = float(cfg.learning_rate)
-        if not cfg.decay_lr:
-            return peak
-        min_lr = peak / 10 if cfg.min_lr is None else float(cfg.min_lr)
-        return lr_at(it, peak, int(cfg.warmup_iters), int(cfg.lr_decay_iters), min_lr)
+        return self.schedule(it)
 
     def _micro_batches(self, it: int):
         """This rank's micro-batches of iteration ``it``: slices of one global draw, so the data a
@@ -166,7 +155,7 @@ class Trainer:
         cfg = self.cfg
         bs, block = int(cfg.batch_size), int(cfg.block_size)
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, it, 0))
-        offsets = sample_offsets(len(self.data.train), block, self.accum * self.dist.world_size * bs, gen)
+        offsets = sample_offsets(self.data.train, block, self.accum * self.dist.world_size * bs, gen)
         for micro in range(self.accum):
             j = self.dist.rank * self.accum + micro
             yield micro, get_batch(self.data.train, offsets[j * bs : (j + 1) * bs], block, self.device)
@@ -189,7 +178,7 @@ class Trainer:
         points and the host can run ahead of a GPU in between."""
         lr = self.lr(it)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # per-group multiples from the param_groups policy
         torch.manual_seed(step_seed(self.cfg.seed, it, 1 + self.dist.rank))  # dropout
         loss_sum = torch.zeros((), device=self.device)
         for micro, (x, y) in self._micro_batches(it):
@@ -226,22 +215,29 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over ``eval_iters`` batches of each split; the same batches at every eval."""
+        """Loss and bits per byte of each split on its fixed eval windows (trainer/data.py): the same
+        windows at every eval of every run on this data, whatever the seed or the number of ranks."""
         cfg = self.cfg
-        bs, block, n = int(cfg.batch_size), int(cfg.block_size), int(cfg.eval_iters)
+        bs, block = int(cfg.batch_size), int(cfg.block_size)
+        count = eval_window_count(cfg.get("eval_tokens"), cfg.eval_iters, bs, block)
         self.fwd_model.eval()
         out = {}
-        for stream, (split, ids) in enumerate((("train", self.data.train), ("val", self.data.val))):
-            gen = torch.Generator().manual_seed(step_seed(cfg.seed, -1, stream))
-            offsets = sample_offsets(len(ids), block, n * self.dist.world_size * bs, gen)
-            total = 0.0
-            for i in range(n):
-                j = self.dist.rank * n + i
-                x, y = get_batch(ids, offsets[j * bs : (j + 1) * bs], block, self.device)
+        for split, ids in (("train", self.data.train), ("val", self.data.val)):
+            n = count if (split == "val" or count is not None) else int(cfg.eval_iters) * bs  # all: val only
+            starts = eval_window_starts(ids, block, n)
+            mine = starts[self.dist.rank :: self.dist.world_size]
+            sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, tokens, bytes
+            for i in range(0, len(mine), bs):
+                x, y = get_batch(ids, mine[i : i + bs], block, self.device)
                 with self.precision.autocast(self.device):
                     _, loss = self.fwd_model(x, y)
-                total += loss.item()
-            out[split] = all_reduce_mean(total / n, self.dist, self.device)
+                sums += torch.tensor([loss.item() * y.numel(), y.numel(), self.data.target_bytes(y)],
+                                     dtype=torch.float64, device=self.device)
+            if self.dist.enabled:
+                dist.all_reduce(sums)
+            nats, tokens, nbytes = sums.tolist()
+            out[split] = nats / tokens
+            out[f"{split}_bpb"] = nats / max(nbytes, 1.0) / math.log(2)
         self.fwd_model.train()
         return out
 
@@ -280,12 +276,15 @@ class Trainer:
         improved = losses["val"] < self.best_val_loss
         if improved:
             self.best_val_loss = losses["val"]
-        self.log.scalars(it, {"val/loss": losses["val"], "eval/train_loss": losses["train"]})
-        self.log.message(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        self.best_val_bpb = min(self.best_val_bpb, losses["val_bpb"])
+        self.log.scalars(it, {"val/loss": losses["val"], "val/bpb": losses["val_bpb"], "eval/train_loss": losses["train"]})
+        self.log.message(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+                         f"val bpb {losses['val_bpb']:.4f}")
         if self.dist.is_main and int(self.cfg.sample_tokens) > 0:
             self.log.text("sample", self.sample(), it)
         self.save(best=improved)
-        self.log.write_summary(step=it, best_val_loss=self.best_val_loss, final_val_loss=losses["val"] if final else None)
+        self.log.write_summary(step=it, best_val_loss=self.best_val_loss, final_val_loss=losses["val"] if final else None,
+                               val_bpb=losses["val_bpb"], best_val_bpb=self.best_val_bpb)
         return losses
 
     def fit(self) -> dict:

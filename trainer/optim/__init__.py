@@ -1,19 +1,21 @@
-"""Optimizers written from scratch, drop-in for torch.optim: SGD, Adam, AdamW, Lion.
+"""Optimizers written from scratch, drop-in for torch.optim: SGD, Adam, AdamW, Lion, Muon, Adafactor.
 
-Each class keeps state like torch.optim and calls a small functional update rule with two paths:
-a readable single-tensor reference and a multi-tensor ``torch._foreach_*`` path (``foreach=``).
-AdamW (and Adam with decoupled or no decay) and Lion also take ``fused=True``: one Triton kernel
-per parameter (fused_triton.py, imported only then). torch 2.13's other keywords (``capturable``,
-``differentiable``) are accepted at their defaults, so call sites swap in unchanged.
+Each optimizer is its update rule: a short function per parameter (``adam_update``, ``lion_update``,
+...) that reads like the paper, plus its state. trainer/optim/base.py does the torch.optim
+plumbing once; trainer/optim/fast_paths.py holds the multi-tensor (``foreach``) versions and
+the ``fused=True`` Triton steps (fused_triton.py, imported only then). param_groups.py decides
+which parameters decay, get which lr, and which Muon orthogonalizes.
 """
-from trainer.optim.adam import Adam, AdamW, adam, adam_multi_tensor, adam_single_tensor
-from trainer.optim.lion import Lion, lion, lion_multi_tensor, lion_single_tensor
-from trainer.optim.sgd import SGD, sgd, sgd_multi_tensor, sgd_single_tensor
+from trainer.optim.adafactor import Adafactor, adafactor_update
+from trainer.optim.adam import Adam, AdamW, adam_update
+from trainer.optim.base import RuleOptimizer
+from trainer.optim.lion import Lion, lion_update
+from trainer.optim.muon import Muon, muon_update, zeropower_via_newton_schulz
+from trainer.optim.param_groups import ParamGroups
+from trainer.optim.sgd import SGD, sgd_update
 
 __all__ = [
-    "SGD", "Adam", "AdamW", "Lion",
-    "sgd", "adam", "lion",
-    "sgd_single_tensor", "sgd_multi_tensor",
-    "adam_single_tensor", "adam_multi_tensor",
-    "lion_single_tensor", "lion_multi_tensor",
+    "SGD", "Adam", "AdamW", "Lion", "Muon", "Adafactor", "RuleOptimizer",
+    "sgd_update", "adam_update", "lion_update", "muon_update", "adafactor_update",
+    "zeropower_via_newton_schulz", "ParamGroups",
 ]

@@ -1,0 +1,257 @@
+"""The torch.optim plumbing every optimizer here shares, written once.
+
+An optimizer in this package is its update rule. A subclass declares
+
+* ``RANGES``: the allowed range of each hyperparameter (checked for every parameter group);
+* ``init_state(p, group)``: the per-parameter state, made on the parameter's first step, under
+  torch's names so that state dicts are interchangeable with torch.optim's;
+* ``update(p, grad, state, **hyperparameters)``: one parameter's step, written as the paper reads.
+
+and, only where scripts/bench_optim.py shows it pays, a fast path (``update_foreach`` and
+``update_fused``, in trainer/optim/fast_paths.py). This class does the rest: parameter groups,
+lazy state, the closure, gradient checks, choosing the path from ``foreach``/``fused``, and a
+state_dict round trip that keeps the receiving optimizer's path and its step counters on the host.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor
+
+# Group keys that choose how a step runs, not what it computes.
+PATH_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
+
+# --- hyperparameter ranges ------------------------------------------------------------------
+
+class Range:
+    """``low <= value`` (or ``<``), ``value <= high`` (or ``<``); a pair/tuple is checked element-wise."""
+
+    def __init__(self, low: float = -math.inf, high: float = math.inf, *, high_open: bool = False,
+                 optional: bool = False) -> None:
+        self.low, self.high, self.high_open, self.optional = low, high, high_open, optional
+
+    def ok(self, value: float) -> bool:
+        below = value < self.high if self.high_open else value <= self.high
+        return self.low <= value and below  # False for NaN
+
+    def check(self, name: str, value: Any) -> None:
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        for v in values:
+            if v is None and self.optional:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float, Tensor)) or not self.ok(as_float(v)):
+                raise ValueError(f"Invalid {LABELS.get(name, name)}: {name}={_show(value)} (must be {self})")
+
+    def __str__(self) -> str:
+        parts = []
+        if self.low > -math.inf:
+            parts.append(f">= {self.low:g}")
+        if self.high < math.inf:
+            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        return " and ".join(parts) or "a number"
+
+
+# torch.optim's wording for the common ones, so messages read the same as torch's
+LABELS = {"lr": "learning rate", "eps": "epsilon value", "betas": "beta parameter",
+          "weight_decay": "weight_decay value", "momentum": "momentum value"}
+
+
+def at_least(low: float) -> Range:
+    return Range(low)
+
+
+def unit_interval() -> Range:
+    """[0, 1): momentum-like coefficients (betas)."""
+    return Range(0.0, 1.0, high_open=True)
+
+
+def _show(value: Any) -> str:
+    return repr(tuple(value)) if isinstance(value, (tuple, list)) else repr(value)
+
+
+def as_float(value: float | Tensor) -> float:
+    """Hyperparameters may arrive as 0-dim tensors (torch allows a tensor lr); the math wants floats."""
+    return value.item() if isinstance(value, Tensor) else float(value)
+
+
+def plain(value: Any) -> Any:
+    """Tuples of floats for lists, so a Hydra ListConfig never reaches a state dict (weights_only
+    loads reject it)."""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        return tuple(plain(v) for v in value)
+    return value
+
+
+# --- the base class ---------------------------------------------------------------------------
+
+def new_step() -> Tensor:
+    """The per-parameter step counter: a CPU scalar tensor, as torch.optim keeps it (float32, or
+    float64 under a float64 default dtype). On the host so that reading it never syncs a GPU."""
+    dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    return torch.tensor(0.0, dtype=dtype)
+
+
+class RuleOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` defined by its update rule (see the module docstring)."""
+
+    RANGES: ClassVar[dict[str, Range]] = {}
+    allow_complex: ClassVar[bool] = False
+    # set by subclasses that have them; the plain ``update`` is always the reference
+    update_foreach: ClassVar[Callable[..., None] | None] = None
+    update_fused: ClassVar[Callable[..., None] | None] = None
+    fused_unsupported: ClassVar[tuple[str, ...]] = ()  # group flags the fused kernel cannot do
+
+    @staticmethod
+    def init_state(p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        return {}
+
+    @staticmethod
+    def update(p: Tensor, grad: Tensor, state: dict[str, Tensor], **hyperparameters: Any) -> None:
+        raise NotImplementedError
+
+    # --- groups and their checks
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group and check its hyperparameters (groups may override the defaults)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for key, value in group.items():
+            if key != "params":
+                group[key] = plain(value)
+        self.check_group(group)
+
+    def check_group(self, group: dict[str, Any]) -> None:
+        for key, allowed in self.RANGES.items():
+            allowed.check(key, group[key])
+        for key in ("foreach", "fused"):
+            if group.get(key) not in (None, True, False):
+                raise ValueError(f"Invalid {key} value: {key}={group[key]!r} (must be None, True or False)")
+        for key in ("capturable", "differentiable"):
+            if group.get(key):
+                raise ValueError(
+                    f"{key}={group[key]!r} is not supported by gptlab's optimizers (trainer.optim); "
+                    f"leave {key}=False or use torch.optim"
+                )
+        if group.get("fused"):
+            self.check_fused(group)
+
+    def check_fused(self, group: dict[str, Any]) -> None:
+        """What the fused kernel cannot do raises, naming the argument: nothing falls back silently."""
+        from trainer.optim.fast_paths import check_fused_group
+
+        if self.update_fused is None:
+            raise ValueError(f"{type(self).__name__}(fused=True) is not implemented in gptlab's "
+                             "optimizers; use foreach=True")
+        check_fused_group(type(self).__name__, group, self.fused_unsupported)
+
+    # --- the step
+
+    def hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The group's values of this optimizer's own keys (not ``params`` or the path flags)."""
+        return {k: (as_float(group[k]) if isinstance(group[k], Tensor) else group[k])
+                for k in self.defaults if k not in PATH_KEYS}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, states = self._gather(group)
+            if params:
+                self.update_group(group, params, grads, states)
+        return loss
+
+    def _gather(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[dict]]:
+        """The parameters that have a gradient, their gradients and state (made on first use)."""
+        params, grads, states = [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            check_grad(type(self).__name__, p, self.allow_complex)
+            state = self.state[p]
+            if not state:
+                state.update(self.init_state(p, group))
+            params.append(p)
+            grads.append(p.grad)
+            states.append(state)
+        return params, grads, states
+
+    def update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                     states: list[dict]) -> None:
+        """Run the group's step on the path its flags choose."""
+        hp = self.hyperparameters(group)
+        if group.get("fused"):
+            self.check_fused(group)  # again: a loaded state dict brings its own flags
+            self.update_fused(params, grads, states, **hp)
+        elif self.update_foreach is not None and use_foreach(group.get("foreach"), params):
+            self.update_foreach(params, grads, states, **hp)
+        else:
+            for p, g, state in zip(params, grads, states):
+                self.update(p, g, state, **hp)
+
+    # --- state dicts
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # groups saved before a path key existed get its default
+            for key in PATH_KEYS:
+                if key in self.defaults:
+                    group.setdefault(key, self.defaults[key] if key in ("foreach", "fused") else False)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load, except that this optimizer keeps its own path flags and host step counters.
+
+        torch takes every group key from the saved dict, so a checkpoint written by a fused (GPU)
+        run would switch a foreach (CPU) run to the Triton kernels; all paths share one state
+        layout, so the receiving optimizer's flags are kept. torch also leaves ``step`` wherever
+        the checkpoint was mapped (on the GPU with ``map_location="cuda"``, or moved there for a
+        saved fused group); the update reads it with ``.item()`` per parameter, so it is brought
+        back to the CPU here: no host sync per parameter per step.
+        """
+        kept = [{k: g[k] for k in PATH_KEYS if k in g} for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, flags in zip(self.param_groups, kept):
+            group.update(flags)
+        for state in self.state.values():
+            step = state.get("step")
+            if isinstance(step, Tensor) and step.device.type != "cpu":
+                state["step"] = torch.tensor(step.item(), dtype=step.dtype)  # one read, at load time
+
+
+# --- shared helpers ---------------------------------------------------------------------------
+
+def check_grad(optimizer: str, param: Tensor, allow_complex: bool = False) -> None:
+    """Reject gradients the update rules here do not implement, naming the optimizer."""
+    if param.grad.is_sparse:
+        raise RuntimeError(
+            f"{optimizer} does not support sparse gradients; use torch.optim.SparseAdam, or "
+            "dense gradients (e.g. nn.Embedding(..., sparse=False))"
+        )
+    if torch.is_complex(param) and not allow_complex:
+        raise RuntimeError(f"{optimizer} does not support complex parameters")
+
+
+def use_foreach(foreach: bool | None, params: list[Tensor]) -> bool:
+    """Resolve ``foreach=None``.
+
+    torch.optim only defaults to foreach on CUDA. We default to it on CPU as well: the foreach ops
+    loop in C++, so they save the per-tensor Python dispatch of the single-tensor path, and with
+    ``cpu_pieces`` they also keep the buffers in cache (scripts/bench_optim.py, 1 thread: our
+    foreach AdamW takes ~0.5x the single-tensor time on nano, ~0.35x on gpt2). Plain tensors only
+    (subclasses such as DTensor may not implement foreach kernels).
+    """
+    if foreach is not None:
+        return foreach
+    return all(type(p) in (Tensor, torch.nn.Parameter) for p in params)
+
+
+def triton_interpreted() -> bool:
+    """Read now (construction and every fused step), not at import."""
+    return os.environ.get("TRITON_INTERPRET") == "1"

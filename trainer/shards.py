@@ -1,0 +1,239 @@
+"""Token shards on disk: the llm.c / modded-nanogpt format, nanoGPT's layout, and random windows.
+
+A shard is a 256 x int32 header followed by the token ids (the format llm.c and modded-nanogpt use
+for FineWeb)::
+
+    header[0] = magic     20240520 for uint16 tokens (GPT-2 sized vocabularies),
+                          20240801 for uint32 tokens (llm.c's convention for larger vocabularies)
+    header[1] = version   1 with uint16 tokens, 7 with uint32 tokens (llm.c's numbers)
+    header[2] = number of tokens that follow the 1024-byte header
+
+A prepared directory holds ``train_NNNNNN.bin`` and ``val_NNNNNN.bin`` shards (FineWeb's
+``fineweb_train_000001.bin`` names are read as they are). nanoGPT's layout, headerless uint16
+``train.bin``/``val.bin`` (+ ``meta.pkl`` for its character-level corpora), is read too.
+
+``Tokens`` presents a split's shards as one sequence whose windows never straddle two shards.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from trainer.errors import DataError
+
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+# (magic, version) -> token dtype, as llm.c's dev/data/data_common.py defines them
+FORMATS = {(20240520, 1): np.dtype(np.uint16), (20240801, 7): np.dtype(np.uint32)}
+_BY_DTYPE = {dtype: key for key, dtype in FORMATS.items()}
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocabularies up to 65,536 tokens), else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def header_for(dtype: np.dtype, n_tokens: int) -> np.ndarray:
+    magic, version = _BY_DTYPE[np.dtype(dtype)]
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (magic, version, n_tokens)
+    return header
+
+
+class ShardWriter:
+    """Appends token arrays to ``<prefix>_NNNNNN.bin`` shards of at most ``shard_tokens`` tokens.
+
+    A shard is written to ``<name>.tmp`` and renamed when complete, with its final header, so a
+    crash never leaves a file that looks like a finished shard. Memory use is one token array.
+    """
+
+    def __init__(self, directory: Path, prefix: str, dtype: np.dtype, vocab_size: int, shard_tokens: int):
+        if shard_tokens < 1:
+            raise DataError(f"shard_tokens={shard_tokens} must be at least 1")
+        self.directory, self.prefix, self.dtype = Path(directory), prefix, np.dtype(dtype)
+        self.vocab_size, self.shard_tokens = int(vocab_size), int(shard_tokens)
+        if self.vocab_size > np.iinfo(self.dtype).max + 1:
+            raise DataError(
+                f"a vocabulary of {self.vocab_size} tokens does not fit in {self.dtype.name} shards "
+                f"(ids up to {np.iinfo(self.dtype).max}); use uint32 for vocabularies over 65,536 tokens"
+            )
+        self.paths: list[Path] = []
+        self.total = 0
+        self._file, self._count = None, 0
+
+    def write(self, ids: np.ndarray) -> None:
+        if len(ids) and int(ids.max()) >= self.vocab_size:
+            raise DataError(f"token id {int(ids.max())} is outside the vocabulary of {self.vocab_size} tokens")
+        ids = np.asarray(ids).astype(self.dtype, copy=False)
+        while len(ids):
+            if self._file is None:
+                self._open()
+            take = min(len(ids), self.shard_tokens - self._count)
+            self._file.write(ids[:take].tobytes())
+            self._count += take
+            self.total += take
+            ids = ids[take:]
+            if self._count == self.shard_tokens:
+                self._close()
+
+    def close(self) -> list[Path]:
+        if self._file is not None:
+            self._close()
+        return self.paths
+
+    def _open(self) -> None:
+        self._path = self.directory / f"{self.prefix}_{len(self.paths):06d}.bin"
+        self._file = open(str(self._path) + ".tmp", "wb")
+        self._file.write(header_for(self.dtype, 0).tobytes())  # rewritten with the count on close
+        self._count = 0
+
+    def _close(self) -> None:
+        f, self._file = self._file, None
+        f.seek(0)
+        f.write(header_for(self.dtype, self._count).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(str(self._path) + ".tmp", self._path)
+        self.paths.append(self._path)
+
+
+def write_shard(path: Path, ids: np.ndarray, dtype=np.uint16) -> None:
+    """One complete shard (tests and small tools; the pipeline streams through ``ShardWriter``)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header_for(np.dtype(dtype), len(ids)).tobytes())
+        f.write(np.asarray(ids).astype(dtype).tobytes())
+    os.replace(tmp, path)
+
+
+def read_shard(path: Path) -> np.ndarray:
+    """A shard's tokens as a read-only memmap, after checking its header against its size."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise DataError(f"{path} is too short to be a token shard ({size} bytes, the header alone is {HEADER_BYTES})")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    key = (int(header[0]), int(header[1]))
+    if key not in FORMATS:
+        raise DataError(
+            f"{path} is not a token shard (magic {key[0]}, version {key[1]}; expected magic 20240520 version 1 "
+            "or 20240801 version 7); prepare the data with scripts/prepare.py"
+        )
+    dtype, n = FORMATS[key], int(header[2])
+    if n == 0:
+        raise DataError(f"{path} is an empty shard (0 tokens); delete it or prepare the data again")
+    if size != HEADER_BYTES + n * dtype.itemsize:
+        raise DataError(
+            f"{path} is truncated or corrupt: its header says {n} tokens ({HEADER_BYTES + n * dtype.itemsize} bytes) "
+            f"but the file has {size} bytes; prepare the data again"
+        )
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+def read_headerless(path: Path, dtype=np.uint16) -> np.ndarray:
+    """nanoGPT's ``train.bin``/``val.bin``: raw token ids, no header."""
+    path = Path(path)
+    dtype = np.dtype(dtype)
+    size = path.stat().st_size
+    if size == 0:
+        raise DataError(f"{path} is empty (0 tokens); prepare the data again")
+    if size % dtype.itemsize:
+        raise DataError(f"{path} has {size} bytes, not a whole number of {dtype.name} tokens; it is truncated")
+    with open(path, "rb") as f:
+        head = np.frombuffer(f.read(8), dtype="<i4")
+    if len(head) == 2 and (int(head[0]), int(head[1])) in FORMATS:
+        raise DataError(f"{path} starts with a shard header; name it train_000000.bin / val_000000.bin")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+# ---------------------------------------------------------------------------------------------
+# A split as one sequence of windows
+
+
+@dataclass
+class Tokens:
+    """A split's shards seen as one sequence, for windows of ``block_size + 1`` tokens.
+
+    A window start is a global position (shard start + offset in the shard); windows are drawn
+    only where they fit inside one shard, since the tokens of two shards are unrelated text.
+    """
+
+    shards: list[np.ndarray]
+
+    def __post_init__(self):
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # (n_shards + 1,)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.shards[0].dtype
+
+    def __array__(self, dtype=None, copy=None):  # np.asarray(tokens): the whole split (small splits, tests)
+        out = np.concatenate([np.asarray(s) for s in self.shards])
+        return out if dtype is None else out.astype(dtype)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        """Tokens ``key.start:key.stop`` of the concatenated split (reads only those shards)."""
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("Tokens supports contiguous slices only")
+        lo, hi, _ = key.indices(len(self))
+        parts = []
+        for s, shard in enumerate(self.shards):
+            a, b = max(lo - self.starts[s], 0), min(hi - self.starts[s], len(shard))
+            if a < b:
+                parts.append(np.asarray(shard[a:b]))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=self.dtype)
+
+    def tolist(self) -> list[int]:
+        return np.asarray(self).tolist()
+
+    def window_counts(self, block_size: int) -> np.ndarray:
+        """Number of valid window starts in each shard (a window is block_size + 1 tokens)."""
+        return np.maximum(np.diff(self.starts) - block_size, 0)
+
+    def num_windows(self, block_size: int) -> int:
+        return int(self.window_counts(block_size).sum())
+
+    def window_starts(self, index: np.ndarray, block_size: int) -> np.ndarray:
+        """Global starts of windows number ``index`` (0 <= index < num_windows), in shard order."""
+        cum = np.cumsum(self.window_counts(block_size))
+        shard = np.searchsorted(cum, index, side="right")
+        before = np.concatenate([[0], cum])[shard]
+        return self.starts[shard] + (np.asarray(index) - before)
+
+    def windows(self, starts: np.ndarray, block_size: int) -> np.ndarray:
+        """(len(starts), block_size + 1) int64 token windows from global starts."""
+        starts = np.asarray(starts, dtype=np.int64)
+        shard = np.searchsorted(self.starts, starts, side="right") - 1
+        out = np.empty((len(starts), block_size + 1), dtype=np.int64)
+        for i, (s, g) in enumerate(zip(shard, starts)):
+            local = int(g - self.starts[s])
+            row = self.shards[s][local : local + block_size + 1]
+            if len(row) != block_size + 1:  # a start that is not a valid window: a bug upstream
+                raise IndexError(f"window at {g} crosses the end of shard {s}")
+            out[i] = row
+        return out
+
+
+def as_tokens(ids) -> Tokens:
+    return ids if isinstance(ids, Tokens) else Tokens([np.asarray(ids)])
+
+
+def sample_window_starts(ids, block_size: int, count: int, generator):
+    """``count`` random window starts (a torch int64 tensor), uniform over every window that fits
+    inside one shard; ``generator`` is a seeded ``torch.Generator``."""
+    import torch  # here, not at the top: tokenizing workers import this module and need no torch
+
+    tokens = as_tokens(ids)
+    n = tokens.num_windows(block_size)
+    if n < 1:
+        raise DataError(f"block_size={block_size} is too large for a split of {len(tokens)} tokens; use a smaller block_size")
+    index = torch.randint(n, (count,), generator=generator).numpy()
+    return torch.from_numpy(tokens.window_starts(index, block_size).astype(np.int64))
