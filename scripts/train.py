@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, ValidationError
 
 from trainer.config import register_resolvers
-from trainer.errors import TrainingError, UserError
+from trainer.errors import OutputError, TrainingError, UserError
+from trainer.rundir import check_creatable
 
 register_resolvers()
 
@@ -43,7 +45,33 @@ def _quiet_hydra_on_other_ranks() -> None:
                      f"hydra.run.dir={tempfile.gettempdir()}/gptlab-rank{rank}-{os.getpid()}"]
 
 
+def _defer_hydra_records() -> bool:
+    """Hydra writes ``.hydra/`` (config, overrides) before the trainer runs; a refused or failed
+    resume would then have overwritten the run's records. Rank 0 writes them itself once set-up
+    succeeded (``_write_hydra_records``), unless the user chose ``hydra.output_subdir``."""
+    if int(os.environ.get("RANK", "0")) > 0 or any(a.startswith("hydra.output_subdir=") for a in sys.argv):
+        return False
+    sys.argv.append("hydra.output_subdir=null")
+    return True
+
+
+def _check_output_dir() -> None:
+    """Hydra creates the run directory before ``main`` runs, with a traceback when it cannot: check
+    the directory the command line names (or ``runs/``) first, and say what is wrong in one line."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        return
+    key = "hydra.sweep.dir=" if ("-m" in sys.argv or "--multirun" in sys.argv) else "hydra.run.dir="
+    given = [a[len(key):] for a in sys.argv if a.startswith(key)]
+    target = given[-1].split("${")[0] if given else "runs"
+    try:
+        check_creatable(target or ".")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
 _quiet_hydra_on_other_ranks()
+_DEFERRED_RECORDS = _defer_hydra_records()
 
 # Errors that are the user's to fix: reported in one line, without a traceback. OmegaConf's are a
 # mandatory value left at ??? or an interpolation/value the user's config cannot resolve.
@@ -62,9 +90,14 @@ def main(cfg: DictConfig) -> float | None:
     trainer = None
     try:
         trainer = Trainer(cfg, run_dir, overrides)
+        if _DEFERRED_RECORDS and trainer.dist.is_main:
+            try:
+                _write_hydra_records(trainer, hc)
+            except OSError as e:
+                raise OutputError(f"cannot write {trainer.run_dir / '.hydra'}: {e.strerror or e}") from e
         summary = trainer.fit()
         if summary.get("status") == "interrupted":
-            raise SystemExit(130)
+            raise SystemExit(trainer.exit_code)  # 130 after Ctrl-C, 143 after SIGTERM
         if trainer.dist.is_main:
             print(f"done: val loss {summary.get('final_val_loss'):.4f}, outputs in {trainer.run_dir}", flush=True)
             if int(cfg.sample_tokens) > 0:
@@ -93,6 +126,27 @@ def main(cfg: DictConfig) -> float | None:
             _remove_if_empty(run_dir)
 
 
+def _write_hydra_records(trainer, hc) -> None:
+    """What Hydra would have written to ``.hydra/``, for the run as it now is: after a resume the
+    overrides are the run's own plus this command's, and the group choices are updated likewise."""
+    out = Path(trainer.run_dir) / ".hydra"
+    out.mkdir(exist_ok=True)
+    hydra_cfg = OmegaConf.create({"hydra": OmegaConf.to_container(hc, resolve=False)})
+    previous = out / "hydra.yaml"
+    if trainer.cfg.get("resume") not in (False, None) and previous.is_file():
+        choices = OmegaConf.select(OmegaConf.load(previous), "hydra.runtime.choices") or {}
+        named = {o.partition("=")[0].lstrip("+~") for o in hc.overrides.task}
+        for group, option in OmegaConf.to_container(hc.runtime.choices).items():
+            if group in named or group not in choices:
+                choices[group] = option
+        hydra_cfg.hydra.runtime.choices = choices
+    hydra_cfg.hydra.overrides.task = list(trainer.overrides)
+    hydra_cfg.hydra.output_subdir = ".hydra"
+    OmegaConf.save(trainer.cfg, out / "config.yaml")
+    OmegaConf.save(hydra_cfg, out / "hydra.yaml")
+    OmegaConf.save(OmegaConf.create(list(trainer.overrides)), out / "overrides.yaml")
+
+
 def _remove_if_empty(path: str) -> None:
     try:
         os.rmdir(path)
@@ -101,4 +155,5 @@ def _remove_if_empty(path: str) -> None:
 
 
 if __name__ == "__main__":
+    _check_output_dir()
     main()

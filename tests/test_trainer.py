@@ -23,7 +23,7 @@ class RecordingTrainer(Trainer):
         metrics = super().train_step(it)
         self.losses = getattr(self, "losses", []) + [metrics["loss"]]
         if self.stop_after is not None and it + 1 == self.stop_after:
-            self._stop_requested = True  # what Ctrl-C does
+            self.stop.request()  # what Ctrl-C does
         return metrics
 
 

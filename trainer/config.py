@@ -171,3 +171,94 @@ def check_vocab(cfg, tokenizer_vocab: int) -> int:
     if vocab < tokenizer_vocab:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab} tokens")
     return int(vocab)
+
+
+# ---------------------------------------------------------------------------------------------
+# resume: the run's saved config, plus what this command changes
+
+# settings of this process, not of the run: always taken from the command that resumes (the
+# process group and device are set up from them before the checkpoint is read)
+RUNTIME_KEYS = ("resume", "overwrite", "device", "compile")
+
+
+def override_key(override: str) -> str:
+    """``+optim.foo=1`` -> ``optim.foo``; ``~seed`` -> ``seed``."""
+    return override.partition("=")[0].lstrip("+~")
+
+
+def merge_overrides(saved: list[str], new: list[str]) -> list[str]:
+    """The run's override list after a resume: ``new`` replaces entries of ``saved`` with the same key."""
+    new = [o for o in new if override_key(o) not in ("resume", "overwrite")]
+    replaced = {override_key(o) for o in new}
+    return [o for o in saved if override_key(o) not in replaced] + new
+
+
+def resume_config(saved: dict, composed, overrides: list[str]) -> tuple:
+    """The config a resumed run continues with, and the settings that differ from the saved run.
+
+    ``saved`` is the run's resolved config (from its checkpoint); ``composed`` is what Hydra built
+    for this command (defaults plus ``overrides``). Only the keys this command names are taken from
+    ``composed`` (a group choice such as ``optim=lion`` replaces the whole group), plus settings that
+    follow a changed key by interpolation (``lr_decay_iters: ${max_iters}``) when the saved run had
+    them following too. Returns ``(config, ["key: old -> new", ...])``.
+    """
+    base = OmegaConf.create(saved)
+    changed = set()
+    for override in overrides:
+        key = override_key(override)
+        if key in RUNTIME_KEYS:
+            continue
+        if key == "experiment" or key.startswith("experiment."):
+            raise ConfigError(
+                f"{override} cannot be applied on resume (a preset changes many settings at once); "
+                "give the settings to change one by one"
+            )
+        if override.startswith("~"):
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(base, parent) if parent else base
+            if node is not None and leaf in node:
+                del node[leaf]
+        else:
+            OmegaConf.update(base, key, _resolved(composed, key), merge=False)
+        changed.add(key)
+    _follow_interpolations(base, saved, composed, changed)
+    for key in composed:  # this process's settings, and settings added to train.yaml since the run
+        if key in RUNTIME_KEYS or key not in base:
+            base[key] = _resolved(composed, key)
+    return base, _differences(_flat(saved), _flat(OmegaConf.to_container(base)))
+
+
+def _resolved(cfg, key: str):
+    node = OmegaConf.select(cfg, key, default=None)
+    if OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def _follow_interpolations(base, saved: dict, composed, changed: set[str]) -> None:
+    """``learning_rate: ${optim.lr}`` keeps following ``optim.lr`` when the latter changed."""
+    def under(key: str) -> bool:
+        return any(key == c or key.startswith(c + ".") for c in changed)
+
+    raw, saved_cfg = OmegaConf.to_container(composed, resolve=False), OmegaConf.create(saved)
+    for key, value in raw.items():
+        m = re.fullmatch(r"\$\{([\w.]+)\}", value) if isinstance(value, str) else None
+        if key in changed or key in RUNTIME_KEYS or not m or not under(m.group(1)):
+            continue
+        if saved.get(key) == OmegaConf.select(saved_cfg, m.group(1), default=None):  # it followed in the saved run
+            base[key] = _resolved(composed, key)
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    keys = [k for k in new if k not in RUNTIME_KEYS and old.get(k, "<unset>") != new[k]]
+    keys += [k for k in old if k not in new]
+    return [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in keys]

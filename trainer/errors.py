@@ -29,3 +29,8 @@ class TrainingError(UserError, RuntimeError):
 
 class UnavailableError(UserError, RuntimeError):
     """A component that cannot run here (e.g. the Triton flash kernel on a CPU without the interpreter)."""
+
+
+class OutputError(UserError, OSError):
+    """The run directory or a file in it cannot be created or written (permissions, a file in the
+    way, a full disk, another process holding the run)."""

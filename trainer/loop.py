@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,8 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from models import GPT, GPTConfig
 from trainer import checkpoint as ckpt
-from trainer.config import build, check_batch_config, check_vocab, config_errors
-from trainer.errors import TrainingError  # noqa: F401  (re-exported: tests import it from here)
+from trainer import rundir
+from trainer.config import build, check_batch_config, check_vocab, config_errors, merge_overrides, resume_config
+from trainer.errors import OutputError, TrainingError, UserError
 from trainer.data import TokenData, check_block_size, eval_window_count, eval_window_starts, get_batch, sample_offsets
 from trainer.distributed import broadcast_object, init_distributed
 from trainer.mfu import Throughput, meter_for_run
@@ -29,6 +31,7 @@ from trainer.runlog import (NullLogger, RunLogger, Timer, peak_memory_bytes, res
                             step_scalars)
 from trainer.optim.param_groups import param_groups  # noqa: F401  (the default policy; tests import it here)
 from trainer.schedule import Constant
+from trainer.signals import StopSignals
 
 
 def step_seed(seed: int, it: int, stream: int) -> int:
@@ -38,37 +41,77 @@ def step_seed(seed: int, it: int, stream: int) -> int:
 
 
 class Trainer:
-    """Builds model, data, optimizer and logger from ``cfg`` and runs ``cfg.max_iters`` steps."""
+    """Builds model, data, optimizer and logger from ``cfg`` and runs ``cfg.max_iters`` steps.
+
+    ``overrides`` are the command line's overrides (Hydra's ``overrides.task``). On resume the run's
+    saved config is the base and only these overrides change it (``trainer.config.resume_config``).
+    """
 
     def __init__(self, cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None):
-        self.cfg = cfg
         self.overrides = list(overrides or [])
         self.dist, self.device = init_distributed(cfg.device)
         self.run_dir = Path(broadcast_object(str(run_dir), self.dist))  # rank 0's directory everywhere
+        claimed = self._on_main_rank(lambda: rundir.claim(self.run_dir, cfg.get("resume"), bool(cfg.get("overwrite"))))
+        self.lock, resume_from = claimed or (None, None)
+        resume_from = broadcast_object(resume_from, self.dist)
+        try:
+            self._set_up(cfg, resume_from)
+        except BaseException:
+            self.release()
+            raise
+
+    # ------------------------------------------------------------------------------------------
+    # set-up
+
+    def _set_up(self, cfg: DictConfig, resume_from: Path | None) -> None:
+        state = ckpt.load_checkpoint(resume_from) if resume_from is not None else None  # on the CPU
+        changes = []
+        if state is not None:
+            cfg, changes = resume_config(state["config"], cfg, self.overrides)
+            self.overrides = merge_overrides(state.get("overrides", []), self.overrides)
+        self.cfg = cfg
         self.precision: Precision = build(cfg.precision)
         self.accum, self.tokens_per_step = check_batch_config(cfg, self.dist.world_size)  # accum: per rank
         self.data = self._load_data()
         self.model_config, self.raw_model = self._build_model()
         self.model, self.fwd_model = self._wrap_model()
-        with config_errors():  # the optimizer checks its hyperparameters when given the parameters
-            self.optimizer = self._build_optimizer()
+        self.optimizer = self._build_optimizer()
         self.schedule = build(cfg.schedule) if cfg.decay_lr else Constant(float(cfg.learning_rate))
         self.scaler = self.precision.make_scaler(self.device)
         self._skipped_on_device = None  # fp16: steps the scaler skipped since the last read (a device tensor)
         self.step, self.best_val_loss, self.skipped_steps = 0, math.inf, 0
         self.best_val_bpb = math.inf
-        resume_from = ckpt.resume_path(cfg.get("resume", False), self.run_dir)
-        if resume_from is not None:
-            self._load(resume_from)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.dist.is_main:
-            OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
-        self.log = (RunLogger(self.run_dir, cfg.max_iters, self.overrides, purge_step=self.step or None)
-                    if self.dist.is_main else NullLogger())
-        self._stop_requested = False
+        self.last_eval: dict | None = None  # the latest eval's losses, saved with the checkpoint
+        self.good_checkpoint: Path | None = None  # what a divergence falls back to
+        notes = self._load(state, resume_from) if state is not None else []
+        self.log = self._open_outputs()
+        if state is not None:
+            self.log.message(f"resumed from {resume_from} at step {self.step} with the run's saved config; "
+                             + ("changed: " + ", ".join(changes) if changes else "no settings changed"))
+            for note in notes:
+                self.log.message(f"resume: {note}")
 
-    # ------------------------------------------------------------------------------------------
-    # set-up
+    def _on_main_rank(self, fn):
+        """``fn()`` on rank 0 only; a user error it raises is raised on every rank (none is left waiting)."""
+        result, error = None, None
+        if self.dist.is_main:
+            try:
+                result = fn()
+            except UserError as e:
+                error = e
+        error = broadcast_object(error, self.dist)
+        if error is not None:
+            raise error
+        return result
+
+    def _open_outputs(self):
+        if not self.dist.is_main:
+            return NullLogger()
+        try:
+            OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
+            return RunLogger(self.run_dir, self.cfg.max_iters, self.overrides, purge_step=self.step or None)
+        except OSError as e:
+            raise OutputError(f"cannot write the run's records in {self.run_dir}: {rundir.os_reason(e)}") from e
 
     def _load_data(self) -> TokenData:
         # Under torchrun the first rank to take the data's file lock prepares it (with a progress bar)
@@ -100,23 +143,31 @@ class Trainer:
         optim_cfg = OmegaConf.to_container(self.cfg.optim, resolve=True)
         policy = optim_cfg.pop("param_groups", None) or {"_target_": "trainer.optim.ParamGroups"}
         groups = build(policy)(self.raw_model, float(optim_cfg.get("weight_decay") or 0.0))
-        return build(optim_cfg)(groups)
+        with config_errors():  # the optimizer checks its hyperparameters when given the parameters
+            return build(optim_cfg)(groups)
 
-    def _load(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path)  # to CPU first: load_state_dict copies onto the device
+    def _load(self, state: dict, path: Path) -> list[str]:
+        """Restore a checkpoint's state; returns notes on what could not be carried over and why."""
         ckpt.check_compatible(state.get("model_args", {}), asdict(self.model_config), str(path))
         if state.get("tokenizer") != self.data.tokenizer.to_dict():
             raise ckpt.CheckpointError(
                 f"checkpoint {path} was trained with a different tokenizer/vocabulary than data={self.cfg.data._target_}; "
                 "resume with the same data config"
             )
-        self.raw_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.raw_model.load_state_dict(state["model"])  # copies the CPU tensors onto the device
+        saved_optim = (state["config"].get("optim") or {}).get("_target_")
+        if saved_optim == self.cfg.optim._target_:
+            self.optimizer, notes = ckpt.restore_optimizer(self.optimizer, state["optimizer"], self._build_optimizer)
+        else:  # another optimizer: its state would not mean the same thing
+            notes = [f"optimizer changed from {saved_optim} to {self.cfg.optim._target_}: it starts with fresh state"]
+        notes += ckpt.restore_scaler(self.scaler, state.get("scaler") or {}, self.precision.name)
         self.step = int(state["step"])
         self.best_val_loss = float(state.get("best_val_loss", math.inf))
         self.best_val_bpb = float(state.get("best_val_bpb", math.inf))
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.last_eval = state.get("eval")
+        self.good_checkpoint = Path(path)  # never written by this run until it saves its own
+        return notes
 
     # ------------------------------------------------------------------------------------------
     # checkpoints
@@ -130,18 +181,37 @@ class Trainer:
             "best_val_loss": self.best_val_loss,
             "best_val_bpb": self.best_val_bpb,
             "skipped_steps": self.skipped_steps,
+            "eval": self.last_eval if self.last_eval and self.last_eval["step"] == self.step else None,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "overrides": list(self.overrides),
             "model_args": asdict(self.model_config),
             "tokenizer": self.data.tokenizer.to_dict(),
         }
 
     def save(self, best: bool = False) -> None:
+        self.check_finite_state()  # on every rank: the weights are the same everywhere
         if not self.dist.is_main:
             return
         state = self.state_dict()
         ckpt.save_checkpoint(state, self.run_dir / ckpt.LAST)
+        self.good_checkpoint = self.run_dir / ckpt.LAST
         if best:
             ckpt.save_checkpoint(state, self.run_dir / ckpt.BEST)
+
+    def check_finite_state(self) -> None:
+        """Raise before a non-finite weight or optimizer moment could be written or evaluated."""
+        tensors = list(self.raw_model.parameters()) + [
+            v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.is_floating_point()
+        ]
+        if not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
+            raise self._diverged(f"weights or optimizer state became non-finite by step {self.step}")
+
+    def _diverged(self, what: str) -> TrainingError:
+        if self.good_checkpoint is not None:
+            kept = f"the last good checkpoint {self.good_checkpoint} is kept"
+        else:
+            kept = "no checkpoint of this run had been saved yet, so there is nothing to resume from"
+        return TrainingError(f"{what}; stopped, {kept}. Try a lower learning rate, grad_clip, or precision=bf16")
 
     # ------------------------------------------------------------------------------------------
     # one optimizer step
@@ -173,9 +243,9 @@ class Trainer:
         self._skipped_steps, self._skipped_on_device = int(value), None
 
     def train_step(self, it: int) -> dict:
-        """One optimizer step. ``loss`` and ``grad_norm`` are returned as device tensors: reading one
-        (``float()``) waits for the device to finish the step, so the loop reads them only at log
-        points and the host can run ahead of a GPU in between."""
+        """One optimizer step. The loss and gradient norm are read on the host every step, so a
+        non-finite value stops the run before the update that would spread it into the weights; fp16's
+        skipped-step count stays on the device until a log point."""
         lr = self.lr(it)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # per-group multiples from the param_groups policy
@@ -189,9 +259,14 @@ class Trainer:
                     _, loss = self.model(x, y)
                 self.scaler.scale(loss / self.accum).backward()
             loss_sum += loss.detach()
+        loss_value = loss_sum.item() / self.accum
+        if not math.isfinite(loss_value):
+            raise self._diverged(f"loss became {loss_value} at step {it}")
         self.scaler.unscale_(self.optimizer)
         clip = float(self.cfg.grad_clip) if self.cfg.grad_clip else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip).item()
+        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():  # (fp16's scaler skips such steps)
+            raise self._diverged(f"gradient norm became {grad_norm} at step {it}")
         # the scale as a device tensor (GradScaler.get_scale() would wait for the device)
         scale_before = self.scaler._scale.clone() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
@@ -201,7 +276,7 @@ class Trainer:
             skipped = (self.scaler._scale < scale_before).int()
             pending = self._skipped_on_device
             self._skipped_on_device = skipped if pending is None else pending + skipped
-        return {"loss": loss_sum / self.accum, "lr": lr, "grad_norm": grad_norm}
+        return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm}
 
     def _check_loss(self, it: int, loss: float) -> None:
         if not math.isfinite(loss):
@@ -259,25 +334,17 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # the loop
 
-    def _request_stop(self, signum, frame) -> None:
-        self._stop_requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
-
-    def _should_stop(self) -> bool:
-        flag = self._stop_requested
-        if self.dist.enabled:  # every rank must leave the loop at the same step
-            t = torch.tensor([int(flag)], device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-        return flag
-
     def _eval_and_checkpoint(self, it: int, final: bool) -> dict[str, float]:
+        self.check_finite_state()
         losses = self.evaluate()
+        if not all(map(math.isfinite, losses.values())):  # finite but blown-up weights: not worth keeping
+            raise self._diverged(f"eval loss became {losses['val']:g} (val), {losses['train']:g} (train) at step {it}")
         improved = losses["val"] < self.best_val_loss
         if improved:
             self.best_val_loss = losses["val"]
         self.best_val_bpb = min(self.best_val_bpb, losses["val_bpb"])
-        self.log.scalars(it, {"val/loss": losses["val"], "val/bpb": losses["val_bpb"], "eval/train_loss": losses["train"]})
+        self.last_eval = {"step": it, **losses}
+        self._log_eval(self.last_eval)
         self.log.message(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                          f"val bpb {losses['val_bpb']:.4f}")
         if self.dist.is_main and int(self.cfg.sample_tokens) > 0:
@@ -286,6 +353,9 @@ class Trainer:
         self.log.write_summary(step=it, best_val_loss=self.best_val_loss, final_val_loss=losses["val"] if final else None,
                                val_bpb=losses["val_bpb"], best_val_bpb=self.best_val_bpb)
         return losses
+
+    def _log_eval(self, ev: dict) -> None:
+        self.log.scalars(ev["step"], {"val/loss": ev["val"], "val/bpb": ev.get("val_bpb"), "eval/train_loss": ev["train"]})
 
     def fit(self) -> dict:
         """Train from ``self.step`` to ``max_iters``; returns the summary (also in summary.json)."""
@@ -303,38 +373,37 @@ class Trainer:
         self.log.message(meter.describe())
         speed = Throughput(self.device, meter)
         profiler = StepProfiler(self.run_dir / "profile", self.device) if cfg.get("profile") and self.dist.is_main else None
-        previous = signal.signal(signal.SIGINT, self._request_stop) if self._on_main_thread() else None
+        if self.last_eval and self.last_eval["step"] == self.step:
+            self._log_eval(self.last_eval)  # resumed: the writer purged this step's points with the old run's tail
         losses, first_step = {}, self.step
         try:
-            while self.step < max_iters:
-                if self._should_stop():
-                    return self._interrupted(timer, speed)
-                it = self.step
-                metrics = self.train_step(it)
-                self.step = it + 1
-                speed.step_done()
-                if profiler is not None:
-                    profiler.step()
-                if it == first_step:  # warm-up, compilation and autotuning buffers are not the run's peak
-                    reset_peak_memory(self.device)
-                if it % int(cfg.log_interval) == 0 or self.step == max_iters:
-                    self._log_step(it, metrics, speed.lap())
-                if eval_interval > 0 and self.step % eval_interval == 0 and self.step < max_iters:
-                    self._check_loss(it, float(metrics["loss"]))
-                    losses = self._eval_and_checkpoint(self.step, final=False)
-                    speed.restart()  # evaluation and checkpointing are not training speed
-            losses = self._eval_and_checkpoint(self.step, final=True)
+            with StopSignals(self.dist) as self.stop:
+                while self.step < max_iters:
+                    if self.stop.requested():
+                        return self._interrupted(timer, speed)
+                    it = self.step
+                    metrics = self.train_step(it)
+                    self.step = it + 1
+                    speed.step_done()
+                    if profiler is not None:
+                        profiler.step()
+                    if it == first_step:  # warm-up, compilation and autotuning buffers are not the run's peak
+                        reset_peak_memory(self.device)
+                    if it % int(cfg.log_interval) == 0 or self.step == max_iters:
+                        self._log_step(it, metrics, speed.lap())
+                    if eval_interval > 0 and self.step % eval_interval == 0 and self.step < max_iters:
+                        self._check_loss(it, float(metrics["loss"]))
+                        losses = self._eval_and_checkpoint(self.step, final=False)
+                        speed.restart()  # evaluation and checkpointing are not training speed
+                losses = self._eval_and_checkpoint(self.step, final=True)
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
             if profiler is not None:
                 profiler.stop()
         return self._finish("completed", timer, speed, final_val_loss=losses.get("val"))
 
     def _log_step(self, it: int, metrics: dict, rates: dict) -> None:
         """Log a step: the one place the loop reads the step's device values (and so waits for them)."""
-        values = torch.stack([metrics["loss"].float(), metrics["grad_norm"].float()]).tolist()
-        metrics = {**metrics, "loss": values[0], "grad_norm": values[1]}
+        metrics = {**metrics, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"])}
         self._check_loss(it, metrics["loss"])
         dt = rates["step_ms"] / 1000
         scalars = step_scalars(metrics, dt, self.tokens_per_step, self.device, self.scaler, self.skipped_steps)
@@ -345,11 +414,16 @@ class Trainer:
 
     def _interrupted(self, timer: Timer, speed: Throughput) -> dict:
         self.save()
+        name = signal.Signals(self.stop.signum).name
+        self.exit_code = self.stop.exit_code
+        if self.dist.enabled:
+            print(f"rank {self.dist.rank}: stopped by {name} at step {self.step}", file=sys.stderr, flush=True)
         self.log.message(
-            f"interrupted at step {self.step}; checkpoint saved to {self.run_dir / ckpt.LAST}. "
+            f"interrupted at step {self.step} ({name}); checkpoint saved to {self.run_dir / ckpt.LAST}. "
             f"Resume with: python scripts/train.py resume=true hydra.run.dir={self.run_dir}"
+            + (" (under torchrun, the same arguments)" if self.dist.enabled else "")
         )
-        return self._finish("interrupted", timer, speed)
+        return self._finish("interrupted", timer, speed, stopped_by=name)
 
     def _finish(self, status: str, timer: Timer, speed: Throughput, **extra) -> dict:
         self.log.write_summary(
@@ -357,15 +431,20 @@ class Trainer:
             **speed.summary(), peak_mem_bytes=peak_memory_bytes(self.device), wall_time_s=timer.elapsed(), **extra,
         )
         self.log.close()
+        self.release()
         return dict(self.log.summary) if self.dist.is_main else {"status": status, "step": self.step}
 
     def fail(self, error: BaseException, status: str = "failed") -> None:
         """Record a run that stopped on an error (the checkpoints already written stay valid)."""
-        self.log.write_summary(status=status, step=self.step, error=str(error))
-        self.log.close()
+        try:
+            self.log.write_summary(status=status, step=self.step, error=str(error))
+            self.log.close()
+        except OSError as e:  # e.g. the disk that stopped the run is still full
+            print(f"warning: could not update {self.run_dir / 'summary.json'}: {rundir.os_reason(e)}", file=sys.stderr)
+        finally:
+            self.release()
 
-    @staticmethod
-    def _on_main_thread() -> bool:
-        import threading
-
-        return threading.current_thread() is threading.main_thread()
+    def release(self) -> None:
+        """Let another process use the run directory (also happens when this process exits)."""
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
