@@ -1,26 +1,38 @@
 """FlashAttention-2 in Triton: ``flash_attention(q, k, v, causal=True, scale=None)``.
 
 The kernels live in ``kernels/flash_triton.py`` and are imported on the first call, so importing
-this module never imports Triton. On CUDA the kernels are compiled and autotuned; on a CPU they
-run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before Python starts), slowly but
-with the same code. There is no silent fallback to another implementation.
+this module never imports Triton. On CUDA the kernels are compiled, and each is launched with a
+config from ``kernels/flash_configs.py`` that fits the GPU's shared memory, tuned once per bucket
+of sequence lengths (pinned under ``torch.use_deterministic_algorithms(True)``). On a CPU they run
+only under Triton's interpreter (``TRITON_INTERPRET=1`` set before Python starts), slowly but with
+the same code. There is no silent fallback to another implementation.
 
-Supported: head dims 16, 32, 64, 128 (others raise ConfigError, a ValueError, rather than being padded, so the
-cost of a padded head never hides in a benchmark); fp16, bf16 and fp32 inputs, accumulated in
-fp32. fp32 inputs use ``input_precision="ieee"`` in ``tl.dot``, so fp32 means fp32 and not tf32.
-Any (batch, head, time) strides are read directly; a non-unit stride along D is copied first.
+The kernel is registered as the custom ops ``gptlab::flash_attn_fwd`` / ``gptlab::flash_attn_bwd``
+with fake (meta) implementations, so ``torch.compile`` traces models that use it without graph
+breaks, and autograd runs the Triton backward.
+
+Supported: head dims 16, 32, 64, 128 (others raise rather than being padded, so the cost of a
+padded head never hides in a benchmark); fp16, bf16 and fp32 inputs, accumulated in fp32. fp32
+inputs multiply in full fp32 (``input_precision="ieee"``) unless TF32 is enabled for matmuls
+(``torch.backends.cuda.matmul.fp32_precision = "tf32"``, the trainer's ``tf32=true``), in which
+case they use TF32 like every other fp32 matmul of the run. Causal attention with Tq != Tk uses
+the end-aligned mask (a KV cache's new queries see the whole cache). Any (batch, head, time)
+strides are read directly; a non-unit stride along D is copied first.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
+from kernels import flash_configs as fc
 from kernels._checks import check_qkv, resolve_scale
 from trainer.errors import ConfigError, UnavailableError
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
 
 _NO_INTERPRETER = (
     "flash_attention got CPU tensors, but without a GPU its Triton kernel runs only under Triton's "
@@ -29,23 +41,9 @@ _NO_INTERPRETER = (
 )
 
 
-def _kernels():
-    """Import the Triton kernels module on first use, with errors that say what to do."""
-    try:
-        from kernels import flash_triton
-    except ModuleNotFoundError as err:
-        if err.name and err.name.split(".")[0] == "triton":
-            raise UnavailableError(
-                "flash_attention needs Triton, which is not installed: pip install triton, or use attn=online"
-            ) from err
-        raise
-    return flash_triton
-
-
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
+    """Input checks that need only shapes and dtypes (so torch.compile traces them)."""
     check_qkv(q, k, v, causal, "flash_attention")
-    if causal and q.shape[-2] != k.shape[-2]:  # TODO(kv-cache): end-aligned causal mask not implemented here yet
-        raise ValueError(f"flash_attention: causal=True with Tq={q.shape[-2]} != Tk={k.shape[-2]} is not supported yet")
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"flash_attention: dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
@@ -55,10 +53,39 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> N
         )
     if q.shape[2] == 0 or k.shape[2] == 0:
         raise ValueError(f"flash_attention: empty sequence (Tq={q.shape[2]}, Tk={k.shape[2]})")
+
+
+def _kernels(q: torch.Tensor):
+    """The Triton kernels module, or an UnavailableError saying why it cannot run on ``q``'s device."""
+    if q.device.type not in ("cpu", "cuda"):
+        raise UnavailableError(f"flash_attention runs on CUDA GPUs (or the CPU interpreter), not on {q.device.type}")
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise UnavailableError(_NO_INTERPRETER)
-    if q.device.type not in ("cpu", "cuda"):
-        raise UnavailableError(f"flash_attention runs on CUDA devices (or the CPU interpreter), not {q.device.type}")
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < fc.MIN_CAPABILITY:
+        major, minor = torch.cuda.get_device_capability(q.device)
+        raise UnavailableError(
+            f"flash_attention needs an NVIDIA GPU of compute capability 7.5 or newer; {q.device} is "
+            f"sm_{major}{minor}: use attn=sdpa"
+        )
+    try:
+        from kernels import flash_triton
+    except ModuleNotFoundError as err:
+        if err.name and err.name.split(".")[0] == "triton":
+            raise UnavailableError(
+                "flash_attention needs Triton, which is not installed: pip install triton, or use attn=online"
+            ) from err
+        raise
+    if q.device.type == "cpu" and not flash_triton.INTERPRETED:
+        raise UnavailableError(
+            "flash_attention: TRITON_INTERPRET=1 was set after Triton was imported; set it before "
+            "starting Python, or use attn=online"
+        )
+    return flash_triton
+
+
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's for the launch."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -66,85 +93,147 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch_opts(fk, q: torch.Tensor) -> tuple[bool, dict]:
-    """Whether kernels are interpreted, and the dtype-dependent constexprs every kernel takes."""
-    if q.device.type == "cpu" and not fk.INTERPRETED:
-        raise UnavailableError(
-            "flash_attention: TRITON_INTERPRET=1 was set after Triton was imported; set it before "
-            "starting Python, or use attn=online"
-        )
-    upcast = fk.INTERPRETED and q.dtype == torch.bfloat16  # the interpreter's bf16 tl.dot is wrong
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 only matters for fp32 operands
-    return fk.INTERPRETED, dict(UPCAST=upcast, PRECISION=precision)
+def tf32_enabled() -> bool:
+    """Whether fp32 matmuls may use TF32 (torch's setting, new or legacy API)."""
+    mode = torch.backends.cuda.matmul.fp32_precision
+    if mode == "none":
+        mode = torch.backends.fp32_precision
+    return mode == "tf32"
 
 
-def _kernel_and_blocks(fk, name: str, interpreted: bool):
-    if interpreted:
-        bm, bn = fk.INTERPRETER_BLOCKS[name]
-        return fk.KERNELS[name], dict(BLOCK_M=bm, BLOCK_N=bn)
-    return fk.autotuned(name), {}
+def _constexprs(fk, q: torch.Tensor, causal: bool) -> dict:
+    """The dtype-dependent flags every attention kernel takes, by name."""
+    tf32 = q.dtype == torch.float32 and q.device.type == "cuda" and tf32_enabled()
+    return dict(
+        HEAD_D=q.shape[-1], CAUSAL=causal,
+        UPCAST=fk.INTERPRETED and q.dtype == torch.bfloat16,  # the interpreter's bf16 tl.dot is wrong
+        PRECISION="tf32" if tf32 else "ieee",  # only fp32 operands read it
+    )
+
+
+_TUNED: dict = {}  # (kernel, D, bytes, device, dtype, causal, precision, T buckets) -> Config
+_GPUS: dict = {}  # CUDA device index -> (opt-in shared memory per block, 10 * major + minor)
+
+
+def _gpu(fk, device: torch.device) -> tuple[int, int]:
+    if device.index not in _GPUS:
+        props = fk.triton.runtime.driver.active.utils.get_device_properties(device.index)
+        major, minor = torch.cuda.get_device_capability(device)
+        _GPUS[device.index] = (int(props["max_shared_mem"]), 10 * major + minor)
+    return _GPUS[device.index]
+
+
+def _launch(fk, name: str, q: torch.Tensor, t_q: int, t_k: int, args: tuple, consts: dict) -> None:
+    """Launch kernel ``name`` (one program per row block x batch*head) with its chosen config."""
+    kernel = fk.KERNELS[name]
+    n_bh = q.shape[0] * q.shape[1]
+
+    def run(cfg: fc.Config) -> None:
+        rows, block = (t_k, cfg.block_n) if name == "dkdv" else (t_q, cfg.block_m)
+        opts = {} if fk.INTERPRETED else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        kernel[(-(-rows // block), n_bh)](*args, **consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **opts)
+
+    if fk.INTERPRETED:
+        return run(fc.INTERPRETER[name])
+    key = (q.device.index, str(q.dtype), consts["CAUSAL"], consts["PRECISION"])
+    shared, capability = _gpu(fk, q.device)
+    cfg = fc.choose(name, consts["HEAD_D"], q.element_size(), shared, t_q, t_k, key, lambda c: _time_ms(run, c),
+                    _TUNED, torch.are_deterministic_algorithms_enabled(), capability)
+    run(cfg)
+
+
+def _time_ms(run, cfg: fc.Config, reps: int = 10) -> float:
+    """Mean ms of one launch over ``reps``, after one warm-up (which compiles). CUDA events only:
+    no cache-flush buffer is allocated, so tuning adds nothing to the run's peak memory."""
+    run(cfg)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        run(cfg)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
 
 
 def _forward(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    fk = _kernels()
-    interpreted, opts = _launch_opts(fk, q)
+    fk = _kernels(q)
     B, H, T_Q, D = q.shape
     T_K = k.shape[2]
     o = torch.empty((B, H, T_Q, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T_Q), dtype=torch.float32, device=q.device)
-    kernel, blocks = _kernel_and_blocks(fk, "fwd", interpreted)
-    grid = lambda meta: (-(-T_Q // meta["BLOCK_M"]), B * H)  # noqa: E731
-    kernel[grid](
-        q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        H, T_Q, T_K, scale * _LOG2E, HEAD_D=D, CAUSAL=causal, **opts, **blocks,
-    )
+    args = (q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], H, T_Q, T_K, scale * _LOG2E)
+    with _on_device(q):
+        _launch(fk, "fwd", q, T_Q, T_K, args, _constexprs(fk, q, causal))
     return o, lse
 
 
 def _backward(q, k, v, o, lse, do, causal: bool, scale: float) -> tuple[torch.Tensor, ...]:
-    fk = _kernels()
-    interpreted, opts = _launch_opts(fk, q)
+    fk = _kernels(q)
     B, H, T_Q, D = q.shape
     T_K = k.shape[2]
-    delta = torch.empty_like(lse)
-    block = fk.INTERPRETER_BLOCKS["preprocess"] if interpreted else fk.PREPROCESS_BLOCK_M
-    fk._bwd_preprocess[(-(-T_Q // block), B * H)](
-        o, do, delta, *do.stride()[:3], H, T_Q, HEAD_D=D, BLOCK_M=block,
-        **({} if interpreted else dict(num_warps=fk.PREPROCESS_WARPS)),
-    )
+    consts = _constexprs(fk, q, causal)
     dq = torch.empty((B, H, T_Q, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, H, T_K, D), dtype=k.dtype, device=k.device)
     dv = torch.empty_like(dk)
+    delta = torch.empty_like(lse)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     scalars = (H, T_Q, T_K, scale * _LOG2E, scale)
-    kernel, blocks = _kernel_and_blocks(fk, "dkdv", interpreted)
-    grid = lambda meta: (-(-T_K // meta["BLOCK_N"]), B * H)  # noqa: E731
-    kernel[grid](q, k, v, do, lse, delta, dk, dv, *strides, *scalars, HEAD_D=D, CAUSAL=causal, **opts, **blocks)
-    kernel, blocks = _kernel_and_blocks(fk, "dq", interpreted)
-    grid = lambda meta: (-(-T_Q // meta["BLOCK_M"]), B * H)  # noqa: E731
-    kernel[grid](q, k, v, do, lse, delta, dq, *strides, *scalars, HEAD_D=D, CAUSAL=causal, **opts, **blocks)
+    with _on_device(q):
+        pre = fc.INTERPRETER["preprocess"] if fk.INTERPRETED else fc.PREPROCESS
+        opts = {} if fk.INTERPRETED else dict(num_warps=pre.num_warps)
+        fk.KERNELS["preprocess"][(-(-T_Q // pre.block_m), B * H)](
+            o, do, delta, *do.stride()[:3], H, T_Q, HEAD_D=D, BLOCK_M=pre.block_m, **opts)
+        _launch(fk, "dkdv", q, T_Q, T_K, (q, k, v, do, lse, delta, dk, dv, *strides, *scalars), consts)
+        _launch(fk, "dq", q, T_Q, T_K, (q, k, v, do, lse, delta, dq, *strides, *scalars), consts)
     return dq, dk, dv
 
 
-_LOG2E = 1.4426950408889634
+# ----------------------------------------------------------------------------- custom ops
 
 
-class FlashAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper: saves Q, K, V, O and the per-row log-sum-exp; recomputes P in backward."""
+@torch.library.custom_op("gptlab::flash_attn_fwd", mutates_args=())
+def flash_attn_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): the attention output and each row's natural-log log-sum-exp (float32)."""
+    return _forward(q, k, v, causal, scale)
 
-    @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float):
-        q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-        o, lse = _forward(q, k, v, causal, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.scale = causal, scale
-        return o
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, _unit_last_stride(do), ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+@flash_attn_fwd.register_fake
+def _(q, k, v, causal, scale):
+    B, H, T_Q, D = q.shape
+    return q.new_empty((B, H, T_Q, D)), q.new_empty((B, H, T_Q), dtype=torch.float32)
+
+
+@torch.library.custom_op("gptlab::flash_attn_bwd", mutates_args=())
+def flash_attn_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) from the forward's saved tensors; P is recomputed from lse, never stored."""
+    return _backward(q, k, v, o, lse, _unit_last_stride(do), causal, scale)
+
+
+@flash_attn_bwd.register_fake
+def _(do, q, k, v, o, lse, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, causal, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_rule(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = flash_attn_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+flash_attn_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 def flash_attention(
@@ -152,4 +241,6 @@ def flash_attention(
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v on (B, H, T, D) tensors with the Triton FlashAttention-2 kernels."""
     _check(q, k, v, causal)
-    return FlashAttentionFunction.apply(q, k, v, bool(causal), resolve_scale(scale, q.shape[-1]))
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    out, _ = flash_attn_fwd(q, k, v, bool(causal), resolve_scale(scale, q.shape[-1]))
+    return out

@@ -1,12 +1,17 @@
 """Triton kernels for FlashAttention-2 (Dao, 2023): forward, and a three-kernel backward.
 
 Imported only by the launcher in ``kernels/flash.py`` on first call, never at package import.
+Launch configurations (block sizes, warps, stages) and their shared-memory fit live in
+``kernels/flash_configs.py``; this file holds only the algorithm.
 
 Layout and conventions shared by every kernel:
 - one program per (block of rows, batch*head); grid axis 1 is ``B * H``;
 - inputs are read through (batch, head, time) strides with a unit stride along the head dim;
   per-(batch, head) base offsets are int64 so tensors past 2**31 elements address correctly;
 - outputs (O, dQ, dK, dV, LSE, Delta) are contiguous buffers the launcher allocates;
+- the causal mask is aligned to the END of the keys: query i sees key j iff
+  ``j <= i + (T_K - T_Q)``, so queries appended after a KV cache see the whole cache; a query
+  row that sees no key (only possible when T_Q > T_K) outputs zeros with LSE = -inf;
 - scores are kept in log2 units (``qk_scale = scale * log2(e)``) so ``exp2`` replaces ``exp``;
   LSE is stored in natural-log units so it can be compared with ``torch.logsumexp``;
 - all elementwise math is fp32; 16-bit tiles only feed ``tl.dot``. ``UPCAST`` (interpreter and
@@ -18,6 +23,10 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+# globals read inside @triton.jit functions must be constexpr
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
 
 @triton.jit
 def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -27,13 +36,48 @@ def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     return tl.dot(a, b, input_precision=PRECISION)
 
 
+@triton.jit
+def _program(H, BLOCK: tl.constexpr):
+    """The prologue every kernel shares: this program's batch and head (int64, for base offsets),
+    its flat batch*head index (int64, for the contiguous outputs), and the rows of its block."""
+    pid_bh = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    return (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64), pid_bh.to(tl.int64), rows
+
+
+@triton.jit
+def _load_tile(ptr, off_b, off_h, stride_b, stride_h, stride_t, rows, T, HEAD_D: tl.constexpr):
+    """The (len(rows), HEAD_D) tile of a strided (B, H, T, HEAD_D) tensor; rows past T read 0."""
+    offs_d = tl.arange(0, HEAD_D)
+    ptrs = ptr + off_b * stride_b + off_h * stride_h + rows[:, None] * stride_t + offs_d[None, :]
+    return tl.load(ptrs, mask=(rows < T)[:, None], other=0.0)
+
+
+@triton.jit
+def _key_ranges(m0, T_Q, T_K, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the query block starting at row m0: keys [0, mid) need no mask; keys [mid, hi) do.
+
+    Causal: keys before the block's first visible diagonal entry are seen by every row; keys past
+    its last row's diagonal are never visited. Otherwise: whole key blocks, then the ragged tail.
+    """
+    if CAUSAL:
+        shift = T_K - T_Q  # end alignment: row i's last visible key is i + shift
+        mid = tl.maximum(m0 + shift, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(m0 + BLOCK_M + shift, T_K)
+    else:
+        mid = T_K // BLOCK_N * BLOCK_N
+        hi = T_K
+    return mid, hi
+
+
 # ----------------------------------------------------------------------------- forward
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, T_K, qk_scale,
-               BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUND_MASK: tl.constexpr,
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, lo, hi, T_K, shift, qk_scale,
+               HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUND_MASK: tl.constexpr,
                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_D)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < T_K
@@ -43,11 +87,15 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, o
         if BOUND_MASK:
             s = tl.where(col_ok[None, :], s, float("-inf"))
         if CAUSAL_MASK:
-            s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
+            s = tl.where(offs_m[:, None] + shift >= offs_n[None, :], s, float("-inf"))
         # online softmax: new running max, rescale the old sum and accumulator to it
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        if CAUSAL_MASK:  # a row that has seen no key yet keeps m = -inf: exponentiate against 0
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_ref = m_new
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PRECISION)
         m_i = m_new
@@ -61,85 +109,78 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 H, T_Q, T_K, qk_scale,
                 HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    # one program owns a block of queries and streams every key block it may see
+    off_b, off_h, bh, offs_m = _program(H, BLOCK=BLOCK_M)
+    q = _load_tile(Q, off_b, off_h, stride_qb, stride_qh, stride_qt, offs_m, T_Q, HEAD_D=HEAD_D)
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
-    o_base = O + pid_bh.to(tl.int64) * T_Q * HEAD_D
-    lse_base = LSE + pid_bh.to(tl.int64) * T_Q
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_D)
-    row_ok = offs_m < T_Q
-    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
-    # The first block processed always holds key 0, which every row may see, so m_i is finite
-    # after it and no row ever computes exp2(-inf - -inf).
-    if CAUSAL:
-        # blocks strictly below the diagonal need no mask; blocks above it are never visited
-        diag_lo = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N
-        diag_hi = tl.minimum((pid_m + 1) * BLOCK_M, T_K)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
-                                   0, diag_lo, T_K, qk_scale, BLOCK_N, False, False, UPCAST, PRECISION)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
-                                   diag_lo, diag_hi, T_K, qk_scale, BLOCK_N, True, True, UPCAST, PRECISION)
-    else:
-        full_hi = T_K // BLOCK_N * BLOCK_N
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
-                                   0, full_hi, T_K, qk_scale, BLOCK_N, False, False, UPCAST, PRECISION)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
-                                   full_hi, T_K, T_K, qk_scale, BLOCK_N, False, True, UPCAST, PRECISION)
+    shift = T_K - T_Q
+    mid, hi = _key_ranges(tl.program_id(0) * BLOCK_M, T_Q, T_K, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    # every row sees every key before mid, so m_i is finite once that loop has run
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, 0, mid, T_K, shift,
+                               qk_scale, HEAD_D=HEAD_D, BLOCK_N=BLOCK_N, CAUSAL_MASK=False, BOUND_MASK=False,
+                               UPCAST=UPCAST, PRECISION=PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, mid, hi, T_K, shift,
+                               qk_scale, HEAD_D=HEAD_D, BLOCK_N=BLOCK_N, CAUSAL_MASK=CAUSAL, BOUND_MASK=True,
+                               UPCAST=UPCAST, PRECISION=PRECISION)
 
-    out = acc / l_i[:, None]
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # log2 units -> natural log
-    tl.store(o_base + offs_m[:, None] * HEAD_D + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(lse_base + offs_m, lse, mask=row_ok)
+    # a row with no visible key (T_Q > T_K, causal) has l = 0: output 0 and lse = -inf
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))  # log2 units -> natural log
+    offs_d = tl.arange(0, HEAD_D)
+    row_ok = offs_m < T_Q
+    tl.store(O + bh * T_Q * HEAD_D + offs_m[:, None] * HEAD_D + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(LSE + bh * T_Q + offs_m, lse, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------- backward
+#
+# The backward needs dQ = dS K, dK = dS^T Q and dV = P^T dO, where P and dS = P * (dP - delta) are
+# (T_Q, T_K) matrices that are recomputed block by block and never stored. Each output is summed
+# over the other sequence axis, so each gets its own kernel with its own loop order:
+# - _bwd_dkdv_kernel: a program owns one block of KEYS and loops over query blocks;
+# - _bwd_dq_kernel: a program owns one block of QUERIES and loops over key blocks.
+# Every output block is then written by exactly one program, which holds its whole sum in
+# registers: no atomics, no zero-initialised fp32 scratch, and the result does not depend on the
+# order in which programs run (the backward is deterministic). The price is computing P and dP
+# twice (once in each kernel), which costs less than atomic adds into dQ from every key block.
 
 
 @triton.jit
 def _bwd_preprocess(O, DO, Delta, stride_dob, stride_doh, stride_dot, H, T_Q,
                     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr):
     # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij, the softmax-backward row term
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_D)
-    row_ok = offs_m < T_Q
-    o = tl.load(O + pid_bh.to(tl.int64) * T_Q * HEAD_D + offs_m[:, None] * HEAD_D + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0).to(tl.float32)
-    tl.store(Delta + pid_bh.to(tl.int64) * T_Q + offs_m, tl.sum(o * do, 1), mask=row_ok)
+    off_b, off_h, bh, offs_m = _program(H, BLOCK=BLOCK_M)
+    o = _load_tile(O + bh * T_Q * HEAD_D, 0, 0, 0, 0, HEAD_D, offs_m, T_Q, HEAD_D=HEAD_D).to(tl.float32)
+    do = _load_tile(DO, off_b, off_h, stride_dob, stride_doh, stride_dot, offs_m, T_Q, HEAD_D=HEAD_D).to(tl.float32)
+    tl.store(Delta + bh * T_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < T_Q)
 
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                    offs_n, offs_d, lo, hi, T_Q, qk_scale,
-                    BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, UPCAST: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    offs_n, lo, hi, T_Q, shift, qk_scale,
+                    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr,
+                    UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_D)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < T_Q
         qt = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None], mask=row_ok[None, :], other=0.0)
         do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634  # -> log2 units
+        lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=0.0) * LOG2E  # -> log2 units
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         # work on transposed scores (keys x queries) so dK and dV accumulate as (BLOCK_N, D)
         pt = tl.exp2(_dot(k, qt, UPCAST, PRECISION) * qk_scale - lse2[None, :])
         keep = row_ok[None, :]
         if CAUSAL_MASK:
-            keep = keep & (offs_m[None, :] >= offs_n[:, None])
+            keep = keep & (offs_m[None, :] + shift >= offs_n[:, None])
         pt = tl.where(keep, pt, 0.0)
         dv += _dot(pt.to(do.dtype), do, UPCAST, PRECISION)
         dpt = _dot(v, tl.trans(do), UPCAST, PRECISION)
@@ -155,50 +196,43 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV,
                      H, T_Q, T_K, qk_scale, sm_scale,
                      HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # one program owns a block of keys and walks over query blocks (no atomics needed)
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
+    # one program owns a block of keys (K, V and the dK, dV sums stay resident) and loops over
+    # query blocks; see the note above the backward kernels for why there are no atomics
+    off_b, off_h, bh, offs_n = _program(H, BLOCK=BLOCK_N)
+    k = _load_tile(K, off_b, off_h, stride_kb, stride_kh, stride_kt, offs_n, T_K, HEAD_D=HEAD_D)
+    v = _load_tile(V, off_b, off_h, stride_vb, stride_vh, stride_vt, offs_n, T_K, HEAD_D=HEAD_D)
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     do_base = DO + off_b * stride_dob + off_h * stride_doh
-    lse_base = LSE + pid_bh.to(tl.int64) * T_Q
-    delta_base = Delta + pid_bh.to(tl.int64) * T_Q
-
-    n0 = pid_n * BLOCK_N
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_D)
-    col_ok = offs_n < T_K
-    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
+    shift = T_K - T_Q
+    mid = 0
     if CAUSAL:
-        # query blocks before diag_lo see none of these keys; those from diag_hi on see all of them
-        diag_lo = n0 // BLOCK_M * BLOCK_M
-        diag_hi = diag_lo + tl.cdiv(n0 + BLOCK_N - diag_lo, BLOCK_M) * BLOCK_M
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                 offs_n, offs_d, diag_lo, tl.minimum(diag_hi, T_Q), T_Q, qk_scale,
-                                 BLOCK_M, True, UPCAST, PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                 offs_n, offs_d, diag_hi, T_Q, T_Q, qk_scale,
-                                 BLOCK_M, False, UPCAST, PRECISION)
-    else:
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                 offs_n, offs_d, 0, T_Q, T_Q, qk_scale,
-                                 BLOCK_M, False, UPCAST, PRECISION)
+        # query i sees key j iff i >= j - shift: query blocks before lo see none of these keys,
+        # those from mid on see all of them, those between need the mask
+        n0 = tl.program_id(0) * BLOCK_N
+        lo = tl.maximum(n0 - shift, 0) // BLOCK_M * BLOCK_M
+        mid = lo + tl.cdiv(tl.maximum(n0 + BLOCK_N - shift - lo, 0), BLOCK_M) * BLOCK_M
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + bh * T_Q, Delta + bh * T_Q,
+                                 stride_qt, stride_dot, offs_n, lo, tl.minimum(mid, T_Q), T_Q, shift, qk_scale,
+                                 HEAD_D=HEAD_D, BLOCK_M=BLOCK_M, CAUSAL_MASK=True, UPCAST=UPCAST,
+                                 PRECISION=PRECISION)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + bh * T_Q, Delta + bh * T_Q,
+                             stride_qt, stride_dot, offs_n, mid, T_Q, T_Q, shift, qk_scale,
+                             HEAD_D=HEAD_D, BLOCK_M=BLOCK_M, CAUSAL_MASK=False, UPCAST=UPCAST, PRECISION=PRECISION)
     dk *= sm_scale
-    out_offs = pid_bh.to(tl.int64) * T_K * HEAD_D + offs_n[:, None] * HEAD_D + offs_d[None, :]
-    tl.store(DK + out_offs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    offs_d = tl.arange(0, HEAD_D)
+    out_offs = bh * T_K * HEAD_D + offs_n[:, None] * HEAD_D + offs_d[None, :]
+    col_ok = (offs_n < T_K)[:, None]
+    tl.store(DK + out_offs, dk.to(DK.dtype.element_ty), mask=col_ok)
+    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, T_K,
-                  qk_scale, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUND_MASK: tl.constexpr,
-                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, lo, hi, T_K, shift,
+                  qk_scale, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr,
+                  BOUND_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_D)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < T_K
@@ -208,7 +242,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, 
         if BOUND_MASK:
             p = tl.where(col_ok[None, :], p, 0.0)
         if CAUSAL_MASK:
-            p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+            p = tl.where(offs_m[:, None] + shift >= offs_n[None, :], p, 0.0)
         dp = _dot(do, vt, UPCAST, PRECISION)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(kt.dtype), tl.trans(kt), UPCAST, PRECISION)
@@ -222,126 +256,32 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ,
                    H, T_Q, T_K, qk_scale, sm_scale,
                    HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # one program owns a block of queries and walks over key blocks (mirror of the forward)
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
+    # one program owns a block of queries (Q, dO and the dQ sum stay resident) and loops over key
+    # blocks, in the forward's order
+    off_b, off_h, bh, offs_m = _program(H, BLOCK=BLOCK_M)
+    q = _load_tile(Q, off_b, off_h, stride_qb, stride_qh, stride_qt, offs_m, T_Q, HEAD_D=HEAD_D)
+    do = _load_tile(DO, off_b, off_h, stride_dob, stride_doh, stride_dot, offs_m, T_Q, HEAD_D=HEAD_D)
+    row_ok = offs_m < T_Q
+    lse2 = tl.load(LSE + bh * T_Q + offs_m, mask=row_ok, other=0.0) * LOG2E
+    delta = tl.load(Delta + bh * T_Q + offs_m, mask=row_ok, other=0.0)
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_D)
-    row_ok = offs_m < T_Q
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0)
-    lse2 = tl.load(LSE + pid_bh.to(tl.int64) * T_Q + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(Delta + pid_bh.to(tl.int64) * T_Q + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
-    if CAUSAL:
-        diag_lo = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N
-        diag_hi = tl.minimum((pid_m + 1) * BLOCK_M, T_K)
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
-                           0, diag_lo, T_K, qk_scale, BLOCK_N, False, False, UPCAST, PRECISION)
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
-                           diag_lo, diag_hi, T_K, qk_scale, BLOCK_N, True, True, UPCAST, PRECISION)
-    else:
-        full_hi = T_K // BLOCK_N * BLOCK_N
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
-                           0, full_hi, T_K, qk_scale, BLOCK_N, False, False, UPCAST, PRECISION)
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
-                           full_hi, T_K, T_K, qk_scale, BLOCK_N, False, True, UPCAST, PRECISION)
+    shift = T_K - T_Q
+    mid, hi = _key_ranges(tl.program_id(0) * BLOCK_M, T_Q, T_K, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, 0, mid, T_K, shift,
+                       qk_scale, HEAD_D=HEAD_D, BLOCK_N=BLOCK_N, CAUSAL_MASK=False, BOUND_MASK=False,
+                       UPCAST=UPCAST, PRECISION=PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, mid, hi, T_K, shift,
+                       qk_scale, HEAD_D=HEAD_D, BLOCK_N=BLOCK_N, CAUSAL_MASK=CAUSAL, BOUND_MASK=True,
+                       UPCAST=UPCAST, PRECISION=PRECISION)
     dq *= sm_scale
-    tl.store(DQ + pid_bh.to(tl.int64) * T_Q * HEAD_D + offs_m[:, None] * HEAD_D + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    offs_d = tl.arange(0, HEAD_D)
+    tl.store(DQ + bh * T_Q * HEAD_D + offs_m[:, None] * HEAD_D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
 
-
-INTERPRETED = isinstance(_fwd_kernel, InterpretedFunction)
-"""True when this process imported Triton with TRITON_INTERPRET=1 (kernels run on CPU tensors)."""
-
-
-# ----------------------------------------------------------------------------- launch configs
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), keyed by the largest head dim they serve. BLOCK_M
-# tiles queries and BLOCK_N keys in every kernel: the forward and dQ kernels keep a query block
-# resident and stream keys; the dK/dV kernel keeps a key block (and two fp32 accumulators) resident
-# and streams queries, so it wants a small BLOCK_M. Every config here compiles for sm_80 and sm_90
-# with no register spills per ptxas (python -m kernels.flash_aot --full --ptxas-info); the 4-warp
-# D=128 variants of the D<=64 lists spill 0.1-3.5 KB, hence the separate lists. (64, 32, 4, 3)
-# is there for fp32 inputs at D=128, whose 4-byte tiles leave it the only fwd/dq fit on an A100.
-CONFIGS = {
-    "fwd": {
-        64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 4)],
-        128: [(128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 4), (64, 64, 4, 3), (64, 32, 4, 3)],
-    },
-    "dkdv": {
-        64: [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 4)],
-        128: [(32, 64, 8, 3), (64, 64, 8, 3), (16, 128, 8, 3), (16, 64, 4, 4)],
-    },
-    "dq": {
-        64: [(128, 32, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3), (128, 64, 8, 3)],
-        128: [(64, 32, 4, 4), (64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3)],
-    },
-}
-PREPROCESS_BLOCK_M, PREPROCESS_WARPS = 64, 4
-
-# The interpreter ignores warps, stages and shared memory, and its cost is per program and per
-# loop trip, so one large block shape is fastest there.
-INTERPRETER_BLOCKS = {"fwd": (64, 64), "dkdv": (64, 64), "dq": (64, 64), "preprocess": 128}
 
 KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel, "preprocess": _bwd_preprocess}
 
-
-def shared_bytes_estimate(kernel: str, config: tuple, head_dim: int, elem_bytes: int) -> int:
-    """Upper estimate of the shared memory one program of ``kernel`` needs on sm_80/sm_90."""
-    # Tile buffers: with triton 3.9 these match sm_90's allocation to within 1 KB (sm_80 needs
-    # less); 2 KB covers the rest. tests/test_flash_aot.py checks it stays an upper bound.
-    block_m, block_n, _, stages = config
-    if kernel == "fwd":  # K and V tiles per pipeline stage, plus Q
-        tiles = 2 * block_n * head_dim * stages + block_m * head_dim
-    elif kernel == "dkdv":  # Q and dO tiles per stage, plus resident K and V
-        tiles = 2 * block_m * head_dim * stages + 2 * block_n * head_dim
-    elif kernel == "dq":  # K and V tiles per stage, plus resident Q and dO
-        tiles = 2 * block_n * head_dim * stages + 2 * block_m * head_dim
-    else:
-        raise ValueError(f"unknown kernel {kernel!r}")
-    return tiles * elem_bytes + 2048
-
-
-def configs_for(kernel: str, head_dim: int) -> list[tuple]:
-    """The shipped autotune configs of ``kernel`` for this head dim."""
-    table = CONFIGS[kernel]
-    return table[min(d for d in table if d >= head_dim)]
-
-
-def prune_configs(kernel: str, head_dim: int, elem_bytes: int, shared_limit: int) -> list[tuple]:
-    """Configs of ``kernel`` for ``head_dim`` whose estimated shared memory fits (never empty)."""
-    configs = configs_for(kernel, head_dim)
-    fits = [c for c in configs if shared_bytes_estimate(kernel, c, head_dim, elem_bytes) <= shared_limit]
-    return fits or [min(configs, key=lambda c: shared_bytes_estimate(kernel, c, head_dim, elem_bytes))]
-
-
-_AUTOTUNED: dict = {}
-
-
-def autotuned(kernel: str):
-    """``kernel`` wrapped in triton.autotune over its pruned configs, keyed on lengths, D and causal."""
-    if kernel not in _AUTOTUNED:
-
-        def early_prune(configs, named_args, **kwargs):
-            args = {**named_args, **kwargs}
-            q = args["Q"]
-            props = triton.runtime.driver.active.utils.get_device_properties(q.device.index)
-            keep = set(prune_configs(kernel, args["HEAD_D"], q.element_size(), props["max_shared_mem"]))
-            return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
-
-        every = {cfg for table in CONFIGS[kernel].values() for cfg in table}
-        configs = [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in sorted(every)
-        ]
-        _AUTOTUNED[kernel] = triton.autotune(
-            configs=configs, key=["T_Q", "T_K", "HEAD_D", "CAUSAL"], prune_configs_by={"early_config_prune": early_prune}
-        )(KERNELS[kernel])
-    return _AUTOTUNED[kernel]
+INTERPRETED = isinstance(_fwd_kernel, InterpretedFunction)
+"""True when this process imported Triton with TRITON_INTERPRET=1 (kernels run on CPU tensors)."""

@@ -10,11 +10,15 @@ OpenMP workers that lose their core make an implementation of many small ops (on
 slower than it is, while a few big ops (naive) barely notice.
 
 Times are medians over ``--repeats`` runs, taken in this process with the implementations
-interleaved run by run. Memory is measured for every (implementation, T) point in a fresh
-subprocess so that its peak figure is its own: on CUDA ``torch.cuda.max_memory_allocated``
-during one forward+backward, above what was allocated before it; on CPU the process's peak RSS (VmHWM, reset through /proc/self/clear_refs)
-during one forward+backward, minus its RSS just before (inputs already created, libraries warmed
-up by a tiny call). Both include the output and the input gradients, not only the activations.
+interleaved run by run. ``--tflops`` times each point with ``triton.testing.do_bench`` (CUDA
+events, median over ~100 ms of repetitions after warm-up), so launch overhead at short T is
+amortized as in training. Memory is measured for every (implementation, T) point in a fresh
+subprocess so that its peak figure is its own, with trainer/runlog.py's peak-memory helpers: on
+CUDA ``torch.cuda.max_memory_allocated`` during one forward+backward, above what was allocated
+before it; on CPU the process's peak RSS (VmHWM, reset through /proc/self/clear_refs) during one
+forward+backward, minus its RSS just before. Each point first runs one forward+backward at the
+measured shapes (outside the window), so one-time work such as library start-up and flash's
+autotuning at that shape is not counted. Both include the output and the input gradients.
 "Saved" is the bytes of the unique storages autograd keeps for backward, counted with
 ``torch.autograd.graph.saved_tensors_hooks`` (inputs that are saved count too).
 """
@@ -23,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,7 +34,10 @@ import time
 
 import torch
 
-IMPLS = ("naive", "online", "sdpa", "flash")
+from kernels import ATTENTION
+from trainer.runlog import peak_memory_bytes, reset_peak_memory
+
+IMPLS = tuple(ATTENTION)  # one registry: configs/attn/*.yaml names
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MIB = 2**20
 
@@ -70,10 +76,6 @@ def load_impl(name: str, block_size: int | None):
 
         bs = block_size or DEFAULT_BLOCK_SIZE
         return lambda q, k, v, causal=True: online_attention(q, k, v, causal=causal, block_size=bs)
-    if name == "flash":
-        from kernels import flash_attention
-
-        return flash_attention
     if name == "sdpa-flash":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -84,9 +86,7 @@ def load_impl(name: str, block_size: int | None):
                 return sdpa_attention(q, k, v, causal=causal)
 
         return sdpa_flash
-    import kernels
-
-    return getattr(kernels, f"{name}_attention")
+    return ATTENTION[name]
 
 
 def make_inputs(B: int, H: int, T: int, D: int, dtype: torch.dtype, device: str):
@@ -108,42 +108,6 @@ def elapsed_ms(step, device: str) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def median_ms(step, device: str, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        step()
-    return statistics.median(elapsed_ms(step, device) for _ in range(repeats))
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"{field} not in /proc/self/status")
-
-
-def reset_peak_rss() -> int:
-    """Reset the peak-RSS mark to the current RSS and return that RSS in bytes.
-
-    Linux: writing 5 to /proc/self/clear_refs resets VmHWM. Elsewhere fall back to ru_maxrss, whose
-    mark cannot be reset, so a peak reached earlier (e.g. while importing torch) hides growth.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_kib("VmRSS") * 1024
-    except OSError:
-        return peak_rss_bytes()
-
-
-def peak_rss_bytes() -> int:
-    try:
-        return _status_kib("VmHWM") * 1024
-    except OSError:
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss if sys.platform == "darwin" else rss * 1024  # Linux reports kilobytes
-
-
 def measure_memory(fn, q, k, v, do, causal: bool, device: str) -> tuple[int, int]:
     """(bytes saved for backward, peak memory growth) of one forward+backward."""
     storages: dict[int, int] = {}
@@ -153,16 +117,15 @@ def measure_memory(fn, q, k, v, do, causal: bool, device: str) -> tuple[int, int
         storages[s.data_ptr()] = s.nbytes()
         return t
 
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = reset_peak_rss()
+    dev = torch.device(device)
+    sync(device)
+    reset_peak_memory(dev)
+    base = peak_memory_bytes(dev)  # right after a reset the peak mark is the current usage
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn(q, k, v, causal=causal)
     out.backward(do)
     sync(device)
-    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_rss_bytes()
+    peak = peak_memory_bytes(dev)
     q.grad = k.grad = v.grad = None
     return sum(storages.values()), peak - base
 
@@ -172,10 +135,11 @@ def run_worker(args: argparse.Namespace) -> dict:
     (T,) = args.seq_lens
     dtype, device = DTYPES[args.dtype], args.device
     fn = load_impl(args.worker, args.block_size)
-    # tiny warm-up so one-time library allocations do not count as this point's memory
-    small = make_inputs(1, 1, 16, args.head_dim, dtype, device)
-    fn(*small[:3], causal=args.causal).backward(small[3])
     q, k, v, do = make_inputs(args.batch, args.heads, T, args.head_dim, dtype, device)
+    # warm up at the measured shapes, so one-time allocations (library start-up, flash's
+    # autotuning at this T) happen before the peak window opens
+    fn(q, k, v, causal=args.causal).backward(do)
+    q.grad = k.grad = v.grad = None
     saved, peak = measure_memory(fn, q, k, v, do, args.causal, device)
     return dict(saved=saved, peak=peak)
 
@@ -317,6 +281,10 @@ def run_tflops(args: argparse.Namespace) -> None:
 
 
 def tflops_cell(impl: str, B: int, H: int, T: int, D: int, dtype: torch.dtype, args) -> str:
+    from triton.testing import do_bench
+
+    if impl == "sdpa-flash" and dtype == torch.float32:
+        return "n/a (no fp32) | n/a"  # PyTorch's flash backend takes only fp16/bf16
     try:
         fn = load_impl(impl, args.block_size)
     except Exception as e:
@@ -330,14 +298,16 @@ def tflops_cell(impl: str, B: int, H: int, T: int, D: int, dtype: torch.dtype, a
 
     def fwd_bwd():
         fn(q, k, v, causal=args.causal).backward(do)
-        q.grad = k.grad = v.grad = None
 
     try:
-        f_ms = median_ms(fwd, "cuda", args.repeats)
-        fb_ms = median_ms(fwd_bwd, "cuda", args.repeats)
+        # do_bench warms up (flash tunes here), then takes the median of CUDA-event timings
+        f_ms = do_bench(fwd, warmup=25, rep=100, return_mode="median")
+        fb_ms = do_bench(fwd_bwd, warmup=25, rep=100, grad_to_none=[q, k, v], return_mode="median")
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return "OOM | OOM"
+    except RuntimeError as e:  # e.g. a backend that refuses this shape or dtype
+        return f"n/a ({str(e).splitlines()[0][:40]}) | n/a"
     return f"{flops / f_ms / 1e9:.1f} | {3.5 * flops / fb_ms / 1e9:.1f}"
 
 

@@ -118,9 +118,6 @@ def test_concept_page_links_point_at_the_code_they_quote():
     for code, path, line in links:
         lines = (REPO / path).read_text().splitlines()
         n = int(line)
-        if path == "kernels/flash_triton.py":  # being restructured on another branch; its links are
-            assert n <= len(lines)  # re-pointed, and checked like online.py's, once that lands
-            continue
         assert n <= len(lines) and code in lines[n - 1], (
             f"docs/online_softmax.md links `{code}` to {path}#L{n}, which reads: "
             f"{lines[n - 1].strip() if n <= len(lines) else '(past the end)'}; update the link")

@@ -25,7 +25,7 @@ from trainer.errors import OutputError, TrainingError, UserError
 from trainer.data import TokenData, check_block_size, eval_window_count, eval_window_starts, get_batch, sample_offsets
 from trainer.distributed import broadcast_object, init_distributed
 from trainer.mfu import Throughput, meter_for_run
-from trainer.precision import Precision
+from trainer.precision import Precision, configure_math
 from trainer.profiling import StepProfiler
 from trainer.runlog import (NullLogger, RunLogger, Timer, peak_memory_bytes, reset_peak_memory, run_hparams,
                             step_scalars)
@@ -50,6 +50,7 @@ class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None):
         self.overrides = list(overrides or [])
         self.dist, self.device = init_distributed(cfg.device)
+        configure_math(bool(cfg.get("tf32", False)), bool(cfg.get("deterministic", False)))
         self.run_dir = Path(broadcast_object(str(run_dir), self.dist))  # rank 0's directory everywhere
         claimed = self._on_main_rank(lambda: rundir.claim(self.run_dir, cfg.get("resume"), bool(cfg.get("overwrite"))))
         self.lock, resume_from = claimed or (None, None)

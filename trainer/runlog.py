@@ -64,6 +64,7 @@ def run_hparams(cfg, num_params: int) -> dict:
         "n_embd": cfg.model.n_embd, "n_head": cfg.model.n_head, "block_size": int(cfg.block_size),
         "batch_size": int(cfg.batch_size) * int(cfg.gradient_accumulation_steps), "seed": int(cfg.seed),
         "params": num_params,
+        "tf32": bool(cfg.get("tf32", False)), "deterministic": bool(cfg.get("deterministic", False)),
     }
 
 

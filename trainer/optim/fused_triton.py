@@ -9,11 +9,13 @@ tests/test_optim.py checks them against the foreach path without a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
 import triton
 import triton.language as tl
+import torch
 from torch import Tensor
 
 BLOCK = 1024
@@ -60,6 +62,11 @@ def lion_kernel(
     tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
 
 
+def _on_device(t: Tensor):
+    """Triton launches on the current CUDA device, which need not be the tensor's: make it so."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _check(tensors: list[Tensor]) -> None:
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     for t in tensors:
@@ -85,10 +92,11 @@ def adamw_fused(
         n = p.numel()
         if n == 0:  # a grid of 0 programs is not a valid launch
             continue
-        adamw_kernel[(triton.cdiv(n, BLOCK),)](
-            p, g, m, v, n, 1 - lr * weight_decay, beta1, beta2,
-            -lr * bc2_sqrt / (1 - beta1**t), eps * bc2_sqrt, BLOCK=BLOCK,
-        )
+        with _on_device(p):
+            adamw_kernel[(triton.cdiv(n, BLOCK),)](
+                p, g, m, v, n, 1 - lr * weight_decay, beta1, beta2,
+                -lr * bc2_sqrt / (1 - beta1**t), eps * bc2_sqrt, BLOCK=BLOCK,
+            )
 
 
 def lion_fused(
@@ -101,9 +109,10 @@ def lion_fused(
         n = p.numel()
         if n == 0:
             continue
-        lion_kernel[(triton.cdiv(n, BLOCK),)](
-            p, g, m, n, 1 - lr * weight_decay, lr, beta1, beta2, BLOCK=BLOCK,
-        )
+        with _on_device(p):
+            lion_kernel[(triton.cdiv(n, BLOCK),)](
+                p, g, m, n, 1 - lr * weight_decay, lr, beta1, beta2, BLOCK=BLOCK,
+            )
 
 
 def aot_compile(cc: int = 90, dtypes: tuple[str, ...] = ("fp32", "bf16")) -> list[dict]:

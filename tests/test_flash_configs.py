@@ -1,0 +1,117 @@
+"""kernels/flash_configs.py: which launch configs fit each GPU, and which one a launch uses.
+
+Pure Python (no Triton, no GPU). That the shared-memory estimate used here is an upper bound on
+what the compiled kernels really use is checked by tests/test_flash_aot.py.
+"""
+from __future__ import annotations
+
+import pytest
+
+from kernels import flash_configs as fc
+from kernels.flash import SUPPORTED_HEAD_DIMS
+from trainer.errors import UnavailableError, UserError
+
+ELEM_BYTES = {"16-bit": 2, "fp32": 4}
+
+
+@pytest.mark.parametrize("cc", sorted(fc.TARGETS))
+@pytest.mark.parametrize("kernel", fc.TUNED_KERNELS)
+def test_every_target_has_fitting_configs_for_every_head_dim_and_dtype(cc, kernel):
+    limit = fc.TARGETS[cc][0]
+    for d in SUPPORTED_HEAD_DIMS:
+        for nbytes in ELEM_BYTES.values():
+            configs = fc.candidates(kernel, d, nbytes, limit, cc)
+            assert configs, (cc, kernel, d, nbytes)
+            for c in configs:  # never a config whose estimate exceeds the limit
+                if cc >= 80:  # sm_75's table is checked by compiling it (test_flash_aot.py)
+                    assert fc.shared_bytes_estimate(kernel, c, d, nbytes) <= limit, (cc, kernel, d, nbytes, c)
+                assert c in fc.shipped(kernel, d)
+
+
+def test_large_gpus_use_the_tuned_tier_and_small_ones_fall_back():
+    # A100/H100 16-bit: only tier-1 configs; fp32 D=128 on a 99 KB part needs tier 2; sm_75 (no
+    # cp.async: the estimate does not bound its shared memory) always uses its own table
+    a100, sm86, sm75 = fc.TARGETS[80][0], fc.TARGETS[86][0], fc.TARGETS[75][0]
+    for kernel in fc.TUNED_KERNELS:
+        assert set(fc.candidates(kernel, 64, 2, a100, 80)) <= set(fc.FAST[kernel][64])
+        assert set(fc.candidates(kernel, 128, 4, sm86, 86)) <= set(fc.SMALL[kernel][128])
+        for d in SUPPORTED_HEAD_DIMS:
+            for nbytes in ELEM_BYTES.values():
+                assert fc.candidates(kernel, d, nbytes, sm75, 75) == fc.shipped(kernel, d, fc.TURING)
+
+
+def test_no_fitting_config_raises_one_line_user_error():
+    with pytest.raises(UnavailableError, match="precision=bf16") as info:
+        fc.candidates("dkdv", 128, 4, 32 * 1024)
+    assert isinstance(info.value, UserError)
+    assert "attn=sdpa" in str(info.value) and "32 KB" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_estimate_grows_with_tiles_stages_and_element_size():
+    c = fc.Config(64, 64, 4, 3)
+    for kernel in fc.TUNED_KERNELS:
+        base = fc.shared_bytes_estimate(kernel, c, 64, 2)
+        assert fc.shared_bytes_estimate(kernel, c, 64, 4) > base
+        assert fc.shared_bytes_estimate(kernel, c, 128, 2) > base
+        assert fc.shared_bytes_estimate(kernel, c._replace(num_stages=4), 64, 2) > base
+    with pytest.raises(ValueError, match="unknown kernel"):
+        fc.shared_bytes_estimate("nope", c, 64, 2)
+
+
+@pytest.mark.parametrize("t,expected", [(1, 1), (2, 2), (3, 4), (64, 64), (65, 128), (1000, 1024),
+                                        (1024, 1024), (1025, 2048), (4096, 4096)])
+def test_bucket_is_next_power_of_two(t, expected):
+    assert fc.bucket(t) == expected
+
+
+class Timer:
+    """A fake benchmark: config -> ms, counting the measurements taken."""
+
+    def __init__(self, best: fc.Config | None = None):
+        self.calls, self.best = [], best
+
+    def __call__(self, cfg: fc.Config) -> float:
+        self.calls.append(cfg)
+        return 1.0 if cfg == self.best else 2.0 + len(self.calls) * 1e-3
+
+
+def _choose(timer, cache, t_q, t_k, deterministic=False, kernel="fwd", limit=fc.TARGETS[90][0], key=(0,), cc=90):
+    return fc.choose(kernel, 64, 2, limit, t_q, t_k, key, timer, cache, deterministic, cc)
+
+
+def test_tuning_runs_once_per_length_bucket():
+    configs = fc.candidates("fwd", 64, 2, fc.TARGETS[90][0])
+    timer, cache = Timer(best=configs[2]), {}
+    assert _choose(timer, cache, 1000, 1000) == configs[2]
+    assert len(timer.calls) == len(configs)  # each candidate measured once
+    for t in (513, 700, 1024):  # same bucket (1024): no new measurement
+        assert _choose(timer, cache, t, t) == configs[2]
+    assert len(timer.calls) == len(configs)
+    _choose(timer, cache, 2000, 2000)  # a new bucket tunes again
+    assert len(timer.calls) == 2 * len(configs)
+    _choose(timer, cache, 1000, 1000, key=(1,))  # another device / dtype / causal key too
+    assert len(timer.calls) == 3 * len(configs)
+
+
+@pytest.mark.parametrize("t_q,t_k", [(1, 4096), (64, 64), (17, 1000), (2048, 50)])
+def test_short_and_decode_shapes_use_the_pinned_config_without_tuning(t_q, t_k):
+    timer = Timer()
+    assert _choose(timer, {}, t_q, t_k) == fc.candidates("fwd", 64, 2, fc.TARGETS[90][0])[0]
+    assert timer.calls == []
+
+
+@pytest.mark.parametrize("kernel", fc.TUNED_KERNELS)
+def test_deterministic_mode_pins_the_first_fitting_config(kernel):
+    for cc, (limit, _) in fc.TARGETS.items():
+        timer = Timer()
+        got = _choose(timer, {}, 4096, 4096, deterministic=True, kernel=kernel, limit=limit, cc=cc)
+        assert got == fc.candidates(kernel, 64, 2, limit, cc)[0] and timer.calls == []
+
+
+def test_single_candidate_is_not_benchmarked():
+    # fp32 at D=128 on an A100 leaves one fwd config: nothing to compare
+    limit = fc.TARGETS[80][0]
+    assert len(fc.candidates("fwd", 128, 4, limit)) == 1
+    timer = Timer()
+    fc.choose("fwd", 128, 4, limit, 4096, 4096, (0,), timer, {})
+    assert timer.calls == []
