@@ -61,7 +61,8 @@ def test_compiled_training_matches_eager(tmp_path, tiny_overrides, attn):
 
 
 def test_compiled_checkpoint_resumes_compiled_or_eager(tmp_path, tiny_overrides):
-    common = tiny_overrides + ["max_iters=4", "eval_interval=2", "eval_iters=1", "sample_tokens=0"]
+    # lr_decay_iters pinned: the first run stops at max_iters=2 but must follow the 4-step schedule
+    common = tiny_overrides + ["max_iters=4", "lr_decay_iters=4", "eval_interval=2", "eval_iters=1", "sample_tokens=0"]
     straight = run(tmp_path, common, "straight")
     first = run(tmp_path, common + ["compile=true", "max_iters=2"], "compiled")
     state = torch.load(tmp_path / "compiled" / ckpt.LAST, weights_only=True)
