@@ -3,6 +3,17 @@
 The attention block does the projections and calls ``attn_fn(q, k, v, causal=True)`` on
 ``(B, H, T, D)`` tensors; it never branches on which implementation it was given. Names follow
 GPT-2 (``wte``, ``wpe``, ``h``, ``ln_f``, ``c_attn``, ``c_proj``) so weights are recognizable.
+
+Generation keeps a per-layer KV cache (:class:`KVCache`): each new token runs one position
+through the model and attends to the cached keys, the attention call then having fewer queries
+than keys (the interface's causal mask is aligned to the end of the keys for exactly this).
+
+No dropout on the attention probabilities (nanoGPT's ``attn_dropout``): the attention interface
+``fn(q, k, v, causal, scale)`` has no dropout argument, and the blockwise kernels (online, flash)
+never hold the normalized probability matrix that dropout would act on. Dropping it in some
+implementations and not others would make an attention ablation compare two regularizers.
+``dropout`` applies to the embeddings, the attention output projection and the MLP, for every
+attention alike.
 """
 from __future__ import annotations
 
@@ -17,6 +28,31 @@ import torch.nn.functional as F
 from kernels import naive_attention
 
 AttnFn = Callable[..., torch.Tensor]
+
+
+class KVCache:
+    """Keys and values of the tokens already seen, per layer, in buffers of ``block_size`` positions.
+
+    ``length`` tokens are cached; :meth:`GPT.forward` with a cache runs the next tokens at positions
+    ``length, length + 1, ...`` and appends their keys and values.
+    """
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.max_len = max_len
+        self.length = 0
+        self.k: list[torch.Tensor | None] = [None] * n_layer  # (B, H, max_len, D) each, allocated on first use
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v`` (B, H, T_new, D) after the cached ones; return all keys and values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if self.k[layer] is None:
+            B, H, _, D = k.shape
+            self.k[layer] = k.new_empty(B, H, self.max_len, D)
+            self.v[layer] = v.new_empty(B, H, self.max_len, D)
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 @dataclass
@@ -56,12 +92,14 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.attn_fn = attn_fn
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, H, T, D)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = self.attn_fn(q, k, v, causal=True)  # (B, H, T, D)
+        if cache is not None:  # keys and values of the earlier tokens too: (B, H, T_cached + T, D)
+            k, v = cache.append(layer, k, v)
+        y = self.attn_fn(q, k, v, causal=True)  # (B, H, T, D); end-aligned mask when T < T_keys
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -87,8 +125,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -132,23 +170,53 @@ class GPT(nn.Module):
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T, V) and the mean cross-entropy if targets given."""
-        B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(
-                f"sequence length {T} exceeds the model's context block_size={self.config.block_size}"
-            )
-        pos = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        """idx (B, T) token ids -> logits (B, T, V) and the mean cross-entropy if targets given.
+
+        With a ``cache`` the tokens continue the cached ones (positions ``cache.length`` onwards)
+        and their keys and values are appended to it.
+        """
+        logits = self.lm_head(self._hidden(idx, cache))  # (B, T, V)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    def _hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final LayerNorm's output (B, T, C) for tokens ``idx`` (after the cached ones)."""
+        B, T = idx.shape
+        start = 0 if cache is None else cache.length
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence length {start + T} exceeds the model's context block_size={self.config.block_size}"
+            )
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.length = start + T
+        return self.transformer.ln_f(x)
+
+    def _next_logits(
+        self, idx: torch.Tensor, cache: KVCache | None, use_cache: bool
+    ) -> tuple[torch.Tensor, KVCache | None]:
+        """Logits (B, V) for the token after ``idx``, the context cropped to the last ``block_size``.
+
+        With a cache only the newest token runs through the model. Once the context is longer than
+        ``block_size`` the window slides, and since positions are learned absolute embeddings every
+        position of the shifted window changes: the cache is rebuilt from the cropped window, which
+        costs what uncached decoding costs, and keeps the two token-for-token equal.
+        """
+        block = self.config.block_size
+        if not use_cache:
+            return self.lm_head(self._hidden(idx[:, -block:])[:, -1]), None
+        if cache is not None and cache.length == idx.shape[1] - 1 and cache.length < block:
+            new = idx[:, -1:]  # the one token not yet cached
+        else:  # first call, or the window slid: (re)fill the cache from the cropped context
+            cache, new = KVCache(self.config.n_layer, block), idx[:, -block:]
+        return self.lm_head(self._hidden(new, cache)[:, -1]), cache
 
     @torch.no_grad()
     def generate(
@@ -158,13 +226,20 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
-        """Sample ``max_new_tokens`` tokens after ``idx`` (B, T); temperature 0 means greedy."""
+        """Sample ``max_new_tokens`` tokens after ``idx`` (B, T); temperature 0 means greedy.
+
+        ``use_cache`` keeps a KV cache, so each new token costs one position's forward pass instead
+        of the whole context's; the tokens are the same either way (up to float rounding).
+        """
+        if not (temperature >= 0 and math.isfinite(temperature)):  # also catches nan
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+        cache = None  # the first step fills it from the prompt
         for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size :]
-            logits, _ = self(context)
-            logits = logits[:, -1, :].float()
-            if temperature <= 0:
+            logits, cache = self._next_logits(idx, cache, use_cache)
+            logits = logits.float()
+            if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:
                 logits = logits / temperature

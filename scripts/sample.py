@@ -1,26 +1,34 @@
 #!/usr/bin/env python
-"""Generate text from a checkpoint.
+"""Generate text from a checkpoint (KV-cached decoding, in the run's precision).
 
     python scripts/sample.py runs/<run>                       # the run's latest checkpoint
     python scripts/sample.py runs/<run>/ckpt_best.pt --prompt "ROMEO:" --num-tokens 300 \\
         --temperature 0.8 --top-k 50 --seed 0 --num-samples 2
+    python scripts/sample.py runs/<run> --device cuda:1 --attn sdpa --precision bf16
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import time
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+import kernels
 from models import GPT, GPTConfig
-from trainer.checkpoint import CheckpointError, load_checkpoint
+from trainer.checkpoint import load_checkpoint
+from trainer.config import build
 from trainer.distributed import resolve_device
+from trainer.errors import CheckpointError, ConfigError, UnavailableError, UserError
+from trainer.precision import Precision
 from trainer.tokenizer import tokenizer_from_dict
 
+PRECISIONS = ("fp32", "bf16", "fp16")
 
-def parse_args(argv=None) -> argparse.Namespace:
+
+def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint file, or a run directory (uses its ckpt_last.pt)")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
@@ -30,46 +38,105 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest tokens (0: all)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--attn", default=None,
-                   help="attention to sample with: naive, online, sdpa, flash (default: the run's own)")
-    return p.parse_args(argv)
+    p.add_argument("--attn", default=None, choices=sorted(kernels.ATTENTION),
+                   help="attention to sample with (default: the run's own)")
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="autocast precision (default: the run's own)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
+    p.add_argument("--stats", action="store_true", help="print tokens/s to stderr")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.num_tokens < 1 or args.num_samples < 1:
+        raise ConfigError("--num-tokens and --num-samples must be at least 1")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ConfigError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    if args.top_k < 0:
+        raise ConfigError(f"--top-k must be >= 0 (0: no limit), got {args.top_k}")
 
 
 def build_attention(name: str | None, config: dict):
+    """The run's own attention (its config entry), or the one named by --attn from the registry."""
     if name is None:
-        return instantiate(OmegaConf.create(config["attn"]))
-    import kernels
+        return build(OmegaConf.create(config["attn"]))
+    return kernels.ATTENTION[name]
 
-    fn = getattr(kernels, f"{name}_attention", None)
-    if fn is None:
-        raise ValueError(f"--attn={name} is not one of naive, online, sdpa, flash")
-    return fn
+
+def check_weights(model_state: dict, path: str) -> None:
+    for name, t in model_state.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(
+                f"checkpoint {path} has non-finite weights (nan/inf) in {name}; the run diverged before it was "
+                "saved: sample from ckpt_best.pt or an earlier checkpoint"
+            )
+
+
+def check_attention_runs(attn_fn, model: GPT, device: torch.device, label: str) -> None:
+    """Run the attention once on a tiny decoding-shaped input (one query, two cached keys), so an
+    implementation that cannot run here is one line before sampling starts, not a traceback after."""
+    head_dim = model.config.n_embd // model.config.n_head
+    q, kv = torch.zeros(1, 1, 1, head_dim, device=device), torch.zeros(1, 1, 2, head_dim, device=device)
+    try:
+        with torch.no_grad():
+            attn_fn(q, kv, kv, causal=True)
+    except (UserError, RuntimeError, ValueError) as e:  # e.g. the Triton flash kernel on a CPU
+        raise UnavailableError(f"{label} cannot run on {device}: {str(e).splitlines()[0]}") from e
+
+
+def load_model(args: argparse.Namespace, device: torch.device):
+    """Model (on ``device``, eval mode), tokenizer and precision; only the weights reach the device."""
+    state = load_checkpoint(args.checkpoint, map_location="cpu")  # never the optimizer state on a GPU
+    state.pop("optimizer", None)
+    for key in ("model", "model_args", "tokenizer", "config"):
+        if key not in state:
+            raise CheckpointError(f"{args.checkpoint} has no '{key}' entry: not a checkpoint of scripts/train.py")
+    check_weights(state["model"], args.checkpoint)
+    run_precision = (state["config"].get("precision") or {}).get("name", "fp32")
+    precision = Precision(args.precision or run_precision)
+    attn_fn = build_attention(args.attn, state["config"])
+    model = GPT(GPTConfig(**state["model_args"]), attn_fn)
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    label = f"--attn {args.attn}" if args.attn else f"the run's attention ({state['config']['attn'].get('_target_')})"
+    check_attention_runs(attn_fn, model, device, label)
+    return model, tokenizer_from_dict(state["tokenizer"]), precision
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        if args.num_tokens < 1 or args.num_samples < 1:
-            raise ValueError("--num-tokens and --num-samples must be at least 1")
+        check_args(args)
         device = resolve_device(args.device)
-        state = load_checkpoint(args.checkpoint, map_location=device)
-        tok = tokenizer_from_dict(state["tokenizer"])
-        model = GPT(GPTConfig(**state["model_args"]), build_attention(args.attn, state["config"]))
-        model.load_state_dict(state["model"])
-        model.to(device).eval()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # Triton launches on the current device
+        model, tok, precision = load_model(args, device)
         prompt = tok.encode(args.prompt)
         if not prompt:
-            raise ValueError("--prompt encodes to no tokens; give some text")
-    except (ValueError, CheckpointError, KeyError) as e:
+            raise ConfigError("--prompt encodes to no tokens; give some text")
+    except (UserError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     gen = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     for i in range(args.num_samples):
-        out = model.generate(idx, args.num_tokens, temperature=args.temperature, top_k=args.top_k or None, generator=gen)
+        t0 = time.perf_counter()
+        with precision.autocast(device):
+            out = model.generate(idx, args.num_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                                 generator=gen, use_cache=not args.no_cache)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
         if i:
             print("-" * 40)
         print(tok.decode(out[0].tolist()), flush=True)
+        if args.stats:
+            print(f"{args.num_tokens / dt:,.1f} tokens/s ({args.num_tokens} tokens in {dt:.2f} s, "
+                  f"{'no cache' if args.no_cache else 'KV cache'}, {precision.name})", file=sys.stderr, flush=True)
     return 0
 
 

@@ -71,8 +71,17 @@ def test_resume_is_bitwise_exact_on_many_shards(tmp_path, tiny_corpus):
     straight = make(tmp_path, common, "straight")
     assert len(straight.data.train.shards) >= 5
     straight.fit()
-    first = make(tmp_path, common + ["max_iters=3"], "split")
-    first.fit()
+    first = make(tmp_path, common, "split")
+    train_step = first.train_step
+
+    def stop_after_three(it):  # what Ctrl-C does after step 3: the same run (and lr schedule) continues
+        metrics = train_step(it)
+        if it + 1 == 3:
+            first.stop.request()
+        return metrics
+
+    first.train_step = stop_after_three
+    assert first.fit()["status"] == "interrupted"
     second = make(tmp_path, common + ["resume=true"], "split")
     assert second.step == 3
     second.fit()

@@ -10,7 +10,6 @@ import contextlib
 import math
 import signal
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,7 +24,9 @@ from trainer.config import build, check_batch_config, check_vocab, config_errors
 from trainer.errors import OutputError, TrainingError, UserError
 from trainer.data import TokenData, check_block_size, eval_window_count, eval_window_starts, get_batch, sample_offsets
 from trainer.distributed import broadcast_object, init_distributed
+from trainer.mfu import Throughput, meter_for_run
 from trainer.precision import Precision, configure_math
+from trainer.profiling import StepProfiler
 from trainer.runlog import (NullLogger, RunLogger, Timer, peak_memory_bytes, reset_peak_memory, run_hparams,
                             step_scalars)
 from trainer.optim.param_groups import param_groups  # noqa: F401  (the default policy; tests import it here)
@@ -78,6 +79,7 @@ class Trainer:
         self.optimizer = self._build_optimizer()
         self.schedule = build(cfg.schedule) if cfg.decay_lr else Constant(float(cfg.learning_rate))
         self.scaler = self.precision.make_scaler(self.device)
+        self._skipped_on_device = None  # fp16: steps the scaler skipped since the last read (a device tensor)
         self.step, self.best_val_loss, self.skipped_steps = 0, math.inf, 0
         self.best_val_bpb = math.inf
         self.last_eval: dict | None = None  # the latest eval's losses, saved with the checkpoint
@@ -229,7 +231,22 @@ class Trainer:
             j = self.dist.rank * self.accum + micro
             yield micro, get_batch(self.data.train, offsets[j * bs : (j + 1) * bs], block, self.device)
 
+    @property
+    def skipped_steps(self) -> int:
+        """fp16 steps the scaler skipped (inf/nan gradients). Reading it waits for the device."""
+        if self._skipped_on_device is not None:
+            self._skipped_steps += int(self._skipped_on_device.item())
+            self._skipped_on_device = None
+        return self._skipped_steps
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped_steps, self._skipped_on_device = int(value), None
+
     def train_step(self, it: int) -> dict:
+        """One optimizer step. The loss and gradient norm are read on the host every step, so a
+        non-finite value stops the run before the update that would spread it into the weights; fp16's
+        skipped-step count stays on the device until a log point."""
         lr = self.lr(it)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # per-group multiples from the param_groups policy
@@ -251,13 +268,23 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip).item()
         if not math.isfinite(grad_norm) and not self.scaler.is_enabled():  # (fp16's scaler skips such steps)
             raise self._diverged(f"gradient norm became {grad_norm} at step {it}")
-        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        # the scale as a device tensor (GradScaler.get_scale() would wait for the device)
+        scale_before = self.scaler._scale.clone() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        if scale_before is not None and self.scaler.get_scale() < scale_before:
-            self.skipped_steps += 1  # the scaler found inf/nan gradients and skipped the update
+        if scale_before is not None:  # a lowered scale means inf/nan gradients: the update was skipped
+            skipped = (self.scaler._scale < scale_before).int()
+            pending = self._skipped_on_device
+            self._skipped_on_device = skipped if pending is None else pending + skipped
         return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm}
+
+    def _check_loss(self, it: int, loss: float) -> None:
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"loss became {loss} at step {it}; stopped. The last good checkpoint in {self.run_dir} is kept. "
+                "Try a lower learning rate, grad_clip, or precision=bf16"
+            )
 
     # ------------------------------------------------------------------------------------------
     # evaluation and sampling
@@ -341,31 +368,52 @@ class Trainer:
             f"model: {self.raw_model.num_params() / 1e6:.2f}M parameters, vocab {self.model_config.vocab_size}; "
             f"{self.tokens_per_step:,} tokens per step on {self.dist.world_size} process(es), device {self.device}"
         )
+        meter = meter_for_run(self.raw_model, self.device, self.precision.name, seq_len=int(cfg.block_size),
+                              micro_batch=int(cfg.batch_size), tokens_per_step=self.tokens_per_step,
+                              world_size=self.dist.world_size, peak_tflops=cfg.get("peak_tflops"))
+        self.log.message(meter.describe())
+        speed = Throughput(self.device, meter)
+        profiler = StepProfiler(self.run_dir / "profile", self.device) if cfg.get("profile") and self.dist.is_main else None
         if self.last_eval and self.last_eval["step"] == self.step:
             self._log_eval(self.last_eval)  # resumed: the writer purged this step's points with the old run's tail
-        tok_rates, losses = [], {}
-        with StopSignals(self.dist) as self.stop:
-            while self.step < max_iters:
-                if self.stop.requested():
-                    return self._interrupted(timer, tok_rates)
-                it, t0 = self.step, time.perf_counter()
-                metrics = self.train_step(it)
-                dt = time.perf_counter() - t0
-                self.step = it + 1
-                if it > 0 or max_iters == 1:
-                    tok_rates.append(self.tokens_per_step / dt)
-                if it % int(cfg.log_interval) == 0 or self.step == max_iters:
-                    self._log_step(it, metrics, dt)
-                if eval_interval > 0 and self.step % eval_interval == 0 and self.step < max_iters:
-                    losses = self._eval_and_checkpoint(self.step, final=False)
-            losses = self._eval_and_checkpoint(self.step, final=True)
-        return self._finish("completed", timer, tok_rates, final_val_loss=losses.get("val"))
+        losses, first_step = {}, self.step
+        try:
+            with StopSignals(self.dist) as self.stop:
+                while self.step < max_iters:
+                    if self.stop.requested():
+                        return self._interrupted(timer, speed)
+                    it = self.step
+                    metrics = self.train_step(it)
+                    self.step = it + 1
+                    speed.step_done()
+                    if profiler is not None:
+                        profiler.step()
+                    if it == first_step:  # warm-up, compilation and autotuning buffers are not the run's peak
+                        reset_peak_memory(self.device)
+                    if it % int(cfg.log_interval) == 0 or self.step == max_iters:
+                        self._log_step(it, metrics, speed.lap())
+                    if eval_interval > 0 and self.step % eval_interval == 0 and self.step < max_iters:
+                        self._check_loss(it, float(metrics["loss"]))
+                        losses = self._eval_and_checkpoint(self.step, final=False)
+                        speed.restart()  # evaluation and checkpointing are not training speed
+                losses = self._eval_and_checkpoint(self.step, final=True)
+        finally:
+            if profiler is not None:
+                profiler.stop()
+        return self._finish("completed", timer, speed, final_val_loss=losses.get("val"))
 
-    def _log_step(self, it: int, metrics: dict, dt: float) -> None:
-        self.log.scalars(it, step_scalars(metrics, dt, self.tokens_per_step, self.device, self.scaler, self.skipped_steps))
-        self.log.progress(it, metrics["loss"], metrics["lr"], self.tokens_per_step / dt, dt * 1000)
+    def _log_step(self, it: int, metrics: dict, rates: dict) -> None:
+        """Log a step: the one place the loop reads the step's device values (and so waits for them)."""
+        metrics = {**metrics, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"])}
+        self._check_loss(it, metrics["loss"])
+        dt = rates["step_ms"] / 1000
+        scalars = step_scalars(metrics, dt, self.tokens_per_step, self.device, self.scaler, self.skipped_steps)
+        scalars.update(tflops=rates["tflops"], mfu=rates["mfu"])
+        self.log.scalars(it, scalars)
+        self.log.progress(it, metrics["loss"], metrics["lr"], rates["tokens_per_sec"], rates["step_ms"],
+                          mfu=rates["mfu"], tflops=rates["tflops"])
 
-    def _interrupted(self, timer: Timer, tok_rates: list[float]) -> dict:
+    def _interrupted(self, timer: Timer, speed: Throughput) -> dict:
         self.save()
         name = signal.Signals(self.stop.signum).name
         self.exit_code = self.stop.exit_code
@@ -376,14 +424,12 @@ class Trainer:
             f"Resume with: python scripts/train.py resume=true hydra.run.dir={self.run_dir}"
             + (" (under torchrun, the same arguments)" if self.dist.enabled else "")
         )
-        return self._finish("interrupted", timer, tok_rates, stopped_by=name)
+        return self._finish("interrupted", timer, speed, stopped_by=name)
 
-    def _finish(self, status: str, timer: Timer, tok_rates: list[float], **extra) -> dict:
-        mean_rate = sum(tok_rates) / len(tok_rates) if tok_rates else None
+    def _finish(self, status: str, timer: Timer, speed: Throughput, **extra) -> dict:
         self.log.write_summary(
             status=status, step=self.step, best_val_loss=self.best_val_loss if math.isfinite(self.best_val_loss) else None,
-            tokens_per_sec=mean_rate, peak_mem_bytes=peak_memory_bytes(self.device),
-            wall_time_s=timer.elapsed(), **extra,
+            **speed.summary(), peak_mem_bytes=peak_memory_bytes(self.device), wall_time_s=timer.elapsed(), **extra,
         )
         self.log.close()
         self.release()

@@ -79,7 +79,7 @@ class RunLogger:
         self.max_iters = max_iters
         self.summary = {
             "status": "running", "step": 0, "max_iters": max_iters, "best_val_loss": None,
-            "final_val_loss": None, "tokens_per_sec": None, "peak_mem_bytes": None,
+            "final_val_loss": None, "tokens_per_sec": None, "mfu": None, "tflops": None, "peak_mem_bytes": None,
             "wall_time_s": None, "overrides": list(overrides), "error": None,
         }
         self._bar = None
@@ -108,14 +108,18 @@ class RunLogger:
             self.writer.file_writer.add_summary(s)
 
     # -- console -----------------------------------------------------------------------------
-    def progress(self, step: int, loss: float, lr: float, tokens_per_sec: float, step_ms: float) -> None:
+    def progress(self, step: int, loss: float, lr: float, tokens_per_sec: float, step_ms: float,
+                 mfu: float | None = None, tflops: float | None = None) -> None:
+        mfu_text = "unknown" if mfu is None else f"{mfu:.1%}"  # unknown: no peak known for this device
         if self._bar is not None:
             self._bar.n = step + 1
-            self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
+            self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}", mfu=mfu_text,
+                                  refresh=False)
             self._bar.refresh()
         else:
+            flops = "" if tflops is None else f", {tflops:.3g} TFLOP/s"
             print(f"step {step:>6}/{self.max_iters}: loss {loss:.4f}, lr {lr:.2e}, "
-                  f"{tokens_per_sec:,.0f} tok/s, {step_ms:.1f} ms/step", flush=True)
+                  f"{tokens_per_sec:,.0f} tok/s, {step_ms:.1f} ms/step{flops}, mfu {mfu_text}", flush=True)
 
     def message(self, text: str) -> None:
         if self._bar is not None:

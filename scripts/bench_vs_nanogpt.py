@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""Training tokens/s of this trainer and of nanoGPT, side by side, in alternated rounds.
+
+    git clone https://github.com/karpathy/nanoGPT /tmp/nanoGPT          # any nanoGPT checkout
+    OMP_WAIT_POLICY=PASSIVE python scripts/bench_vs_nanogpt.py /tmp/nanoGPT --rounds 3 --iters 300
+
+Both run the same nano recipe on the same text: our Shakespeare corpus (char-level) is written
+as nanoGPT's ``train.bin`` / ``val.bin`` / ``meta.pkl`` into a scratch directory, and nanoGPT's
+``train.py`` runs there (it reads ``configurator.py`` and ``data/`` from its working directory;
+nothing of nanoGPT is copied into this repository). Recipe: 4 layers, 4 heads, 128 wide, block
+64, batch 12, bias, dropout 0, AdamW lr 1e-3 (betas 0.9/0.99, decay 0.1), warmup 100, cosine,
+grad clip 1, fp32, no compile, periodic evaluation off (nanoGPT still evaluates once at step 0,
+outside the timed window).
+
+Throughput is timed by this script, the same way for both: between the progress lines of two
+steps (``--start`` and the last logged step), as the lines arrive on the child's stdout.
+Start-up, data loading, step 0's evaluation and the final evaluation are outside that window.
+Two clocks: wall time, and the child's CPU time (user + system, all threads, from /proc). On a
+machine shared with other jobs the wall clock mostly measures the neighbours; CPU time measures
+the work each program does, provided both run with the same thread count (``--threads``, 1 by
+default, with ``OMP_WAIT_POLICY=PASSIVE`` so idle OpenMP threads do not spin). Rounds alternate
+which program goes first; the table gives each round's ratios and the median.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12)
+OURS_LINE = re.compile(r"^\s*step\s+(\d+)/\d+")
+NANOGPT_LINE = re.compile(r"^iter (\d+): loss")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("nanogpt", type=Path, help="path to a nanoGPT checkout (holding train.py and model.py)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--iters", type=int, default=300, help="training steps per run")
+    p.add_argument("--start", type=int, default=50, help="first step of the timed window (after warm-up)")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for both (0: leave the environment)")
+    p.add_argument("--work-dir", type=Path, default=None, help="scratch directory (default: a temporary one)")
+    p.add_argument("--ours", nargs="*", default=[], help="extra overrides for scripts/train.py (e.g. compile=true)")
+    p.add_argument("--nanogpt-args", nargs="*", default=[], help="extra --key=value for nanoGPT (e.g. --compile=True)")
+    return p.parse_args(argv)
+
+
+def write_nanogpt_data(work: Path) -> Path:
+    """Our corpus as nanoGPT's data/<name>/{train,val}.bin (uint16) + meta.pkl."""
+    from trainer.data import ShakespeareCorpus
+
+    data = ShakespeareCorpus()
+    out = work / "data" / "gptlab_shakespeare"
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        np.asarray(getattr(data, split), dtype=np.uint16).tofile(out / f"{split}.bin")
+    with open(out / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": data.vocab_size}, f)
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def timed_steps(cmd: list[str], cwd: Path, pattern: re.Pattern, log: Path, threads: int) -> list[tuple]:
+    """Run ``cmd``; return (step, wall time, CPU time) for each progress line matching ``pattern``."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")
+    marks = []
+    with open(log, "w") as f, subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                                 stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            now = time.perf_counter()
+            f.write(line)
+            m = pattern.match(line)
+            if m:
+                marks.append((int(m.group(1)), now, cpu_seconds(proc.pid)))
+    if proc.returncode != 0:
+        raise SystemExit(f"error: {' '.join(cmd[:3])} ... failed (exit {proc.returncode}); see {log}")
+    return marks
+
+
+def tokens_per_sec(marks: list[tuple], start: int) -> tuple[float, float]:
+    """Tokens per wall second and per CPU second over the timed window."""
+    window = [m for m in marks if m[0] >= start]
+    if len(window) < 2:
+        raise SystemExit(f"error: fewer than two progress lines after step {start}; raise --iters")
+    (s0, w0, c0), (s1, w1, c1) = window[0], window[-1]
+    tokens = (s1 - s0) * RECIPE["batch_size"] * RECIPE["block_size"]
+    return tokens / (w1 - w0), tokens / max(c1 - c0, 1e-9)
+
+
+def ours_cmd(args, run_dir: Path) -> list[str]:
+    return [sys.executable, str(REPO / "scripts" / "train.py"), f"max_iters={args.iters}", "eval_interval=0",
+            "log_interval=10", "sample_tokens=0", "device=cpu", f"hydra.run.dir={run_dir}", *args.ours]
+
+
+def nanogpt_cmd(args, out_dir: Path) -> list[str]:
+    n = args.iters
+    opts = dict(dataset="gptlab_shakespeare", device="cpu", compile=False, dtype="float32", bias=True,
+                dropout=0.0, learning_rate=1e-3, min_lr=1e-4, beta2=0.99, weight_decay=0.1, grad_clip=1.0,
+                warmup_iters=100, lr_decay_iters=n, max_iters=n, eval_interval=n + 1000, eval_iters=1,
+                log_interval=10, always_save_checkpoint=False, out_dir=str(out_dir), gradient_accumulation_steps=1,
+                **RECIPE)  # nanoGPT defaults to 40 accumulation steps (its GPT-2 recipe)
+    return [sys.executable, str(args.nanogpt.resolve() / "train.py"),
+            *(f"--{k}={v}" for k, v in opts.items()), *args.nanogpt_args]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.iters <= 100:  # nanoGPT's cosine schedule divides by (lr_decay_iters - warmup_iters)
+        print("error: --iters must exceed the recipe's 100 warmup steps", file=sys.stderr)
+        return 2
+    if not (args.nanogpt / "train.py").is_file():
+        print(f"error: {args.nanogpt} has no train.py; give the path of a nanoGPT checkout", file=sys.stderr)
+        return 2
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_nanogpt_"))
+    work.mkdir(parents=True, exist_ok=True)
+    write_nanogpt_data(work)
+    configurator = work / "configurator.py"  # nanoGPT's train.py exec()s it from the working directory
+    if not configurator.exists():
+        configurator.symlink_to((args.nanogpt / "configurator.py").resolve())
+    print(f"scratch dir {work}; {args.iters} steps per run, timed from step {args.start}")
+    print("| round | first | ours tok/s | nanoGPT tok/s | ratio (wall) | ours tok/CPU-s | nanoGPT tok/CPU-s "
+          "| ratio (CPU time) |\n|---:|---|---:|---:|---:|---:|---:|---:|")
+    wall, cpu = [], []
+    for r in range(args.rounds):
+        runs = {
+            "ours": lambda: timed_steps(ours_cmd(args, work / f"ours_r{r}"), REPO, OURS_LINE,
+                                        work / f"ours_r{r}.log", args.threads),
+            "nanoGPT": lambda: timed_steps(nanogpt_cmd(args, work / f"nanogpt_r{r}"), work, NANOGPT_LINE,
+                                           work / f"nanogpt_r{r}.log", args.threads),
+        }
+        order = ["ours", "nanoGPT"] if r % 2 == 0 else ["nanoGPT", "ours"]
+        rate = {name: tokens_per_sec(runs[name](), args.start) for name in order}
+        (ow, oc), (nw, nc) = rate["ours"], rate["nanoGPT"]
+        wall.append(ow / nw)
+        cpu.append(oc / nc)
+        print(f"| {r + 1} | {order[0]} | {ow:,.0f} | {nw:,.0f} | {wall[-1]:.2f}x | {oc:,.0f} | {nc:,.0f} "
+              f"| {cpu[-1]:.2f}x |", flush=True)
+    print(f"\nmedian ours / nanoGPT over {len(wall)} rounds: {statistics.median(wall):.2f}x (wall), "
+          f"{statistics.median(cpu):.2f}x (CPU time)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

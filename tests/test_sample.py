@@ -1,0 +1,118 @@
+"""scripts/sample.py: cached decoding, the run's precision, weights-only loading, one-line errors."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, compose_cfg
+
+import kernels
+from trainer.loop import Trainer
+
+SAMPLE = REPO / "scripts" / "sample.py"
+spec = importlib.util.spec_from_file_location("sample_script", SAMPLE)
+sample = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sample)
+
+
+@pytest.fixture
+def run_dir(tmp_path, tiny_overrides):
+    """A checkpoint of a tiny untrained bf16 run (weights, optimizer state, config, tokenizer)."""
+    t = Trainer(compose_cfg(tiny_overrides + ["max_iters=0", "precision=bf16", "attn=naive"]), tmp_path / "run")
+    t.save()
+    t.log.close()
+    return tmp_path / "run"
+
+
+def sample_main(capsys, *args):
+    rc = sample.main([*map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_greedy_with_and_without_cache_print_the_same_text(run_dir, capsys):
+    args = (run_dir, "--prompt", "ALL:", "--num-tokens", "40", "--temperature", "0")  # past block_size 32
+    rc, cached, _ = sample_main(capsys, *args)
+    assert rc == 0 and cached.startswith("ALL:")
+    rc, uncached, _ = sample_main(capsys, *args, "--no-cache")
+    assert rc == 0 and cached == uncached
+
+
+def test_loads_weights_only_to_cpu_first_and_uses_the_runs_precision(run_dir, monkeypatch):
+    seen = {}
+    real = sample.load_checkpoint
+
+    def spy(path, map_location="cpu"):
+        seen["map_location"] = map_location
+        state = real(path, map_location=map_location)
+        assert "optimizer" in state  # the file has it; sampling drops it before touching the device
+        return state
+
+    monkeypatch.setattr(sample, "load_checkpoint", spy)
+    args = sample.parse_args([str(run_dir)])
+    model, tok, precision = sample.load_model(args, torch.device("cpu"))
+    assert seen["map_location"] == "cpu"
+    assert precision.name == "bf16"  # the run trained in bf16
+    assert sample.load_model(sample.parse_args([str(run_dir), "--precision", "fp32"]), torch.device("cpu"))[2].name == "fp32"
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_samples_under_the_runs_autocast(run_dir, monkeypatch, capsys):
+    dtypes = []
+    real = kernels.naive_attention
+
+    def recording(q, k, v, causal=True, scale=None):
+        dtypes.append(q.dtype)
+        return real(q, k, v, causal, scale)
+
+    monkeypatch.setattr(sample, "build_attention", lambda name, config: recording)
+    rc, _, err = sample_main(capsys, run_dir, "--num-tokens", "3")
+    assert rc == 0, err
+    assert torch.bfloat16 in dtypes  # the projections ran under bf16 autocast
+
+
+def test_attn_choices_come_from_the_registry(run_dir, capsys):
+    assert sample.make_parser()._option_string_actions["--attn"].choices == sorted(kernels.ATTENTION)
+    with pytest.raises(SystemExit):
+        sample.parse_args([str(run_dir), "--attn", "nonesuch"])
+    err = capsys.readouterr().err
+    assert "--attn" in err and all(name in err for name in kernels.ATTENTION)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--temperature", "nan"], "--temperature must be a finite number >= 0"),
+        (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+        (["--top-k", "-3"], "--top-k must be >= 0"),
+        (["--num-tokens", "0"], "--num-tokens"),
+        (["--prompt", ""], "--prompt encodes to no tokens"),
+        (["--device", "cuda:1"] if not torch.cuda.is_available() else ["--device", "tpu"], "device="),
+    ],
+)
+def test_bad_arguments_are_one_line(run_dir, capsys, args, match):
+    rc, out, err = sample_main(capsys, run_dir, *args)
+    assert rc == 2 and out == ""
+    assert err.startswith("error: ") and match in err and err.count("\n") == 1
+
+
+def test_non_finite_weights_are_refused(run_dir, capsys):
+    state = torch.load(run_dir / "ckpt_last.pt", weights_only=True)
+    state["model"]["transformer.h.0.mlp.c_fc.weight"][0, 0] = float("nan")
+    torch.save(state, run_dir / "ckpt_last.pt")
+    rc, out, err = sample_main(capsys, run_dir)
+    assert rc == 2 and out == ""
+    assert "non-finite weights" in err and "transformer.h.0.mlp.c_fc.weight" in err and err.count("\n") == 1
+
+
+def test_flash_on_cpu_without_the_interpreter_is_one_line(run_dir):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: flash runs natively")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(SAMPLE), str(run_dir), "--attn", "flash", "--num-tokens", "3"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: --attn flash cannot run on cpu") and proc.stderr.count("\n") == 1
+    assert "Traceback" not in proc.stderr
