@@ -68,7 +68,7 @@ def run(opt, params, steps: int, seed: int = 1, start: int = 0, grads=None, skip
     (it must be skipped)."""
     gen = torch.Generator().manual_seed(seed)
     for i in range(start + steps):
-        grads_i = grads() if grads else [torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in params]
+        grads_i = grads() if grads else [torch.randn(p.shape, dtype=p.dtype, generator=gen).to(p.device) for p in params]
         if i < start:
             continue
         for j, (p, g) in enumerate(zip(params, grads_i)):
@@ -695,8 +695,8 @@ def test_state_dict_moves_between_fused_and_foreach(name, direction):
 def test_fused_step_rechecks_a_loaded_state_dict():
     """A saved amsgrad=True group loaded into a fused optimizer raises at the step, not silently."""
     pytest.importorskip("triton")
-    src = ours.AdamW(make_params(torch.float32), amsgrad=True, foreach=True)
-    params = make_params(torch.float32)
+    src = ours.AdamW(fused_params(), amsgrad=True, foreach=True)
+    params = fused_params()
     opt = ours.AdamW(params, fused=True)
     opt.load_state_dict(src.state_dict())
     with pytest.raises(ValueError, match="amsgrad"):

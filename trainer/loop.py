@@ -204,7 +204,10 @@ class Trainer:
         tensors = list(self.raw_model.parameters()) + [
             v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.is_floating_point()
         ]
-        if not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
+        flags: dict[torch.device, list[torch.Tensor]] = {}  # step counters live on the CPU, weights maybe not
+        for t in tensors:
+            flags.setdefault(t.device, []).append(torch.isfinite(t).all())
+        if not all(bool(torch.stack(f).all()) for f in flags.values()):  # one read per device
             raise self._diverged(f"weights or optimizer state became non-finite by step {self.step}")
 
     def _diverged(self, what: str) -> TrainingError:

@@ -28,7 +28,8 @@ def adafactor_update(p: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: f
     state["step"] += 1
     t = state["step"].item()  # a CPU tensor: no device sync
     one_minus_beta2 = t**beta2_decay
-    alpha = max(eps2, p.norm(2).item() / p.numel() ** 0.5) * min(lr, 1 / t**0.5)
+    # alpha and clip stay tensors on p's device: reading them (.item()) would sync a GPU per parameter
+    alpha = (p.norm(2) / p.numel() ** 0.5).clamp_(min=eps2) * min(lr, 1 / t**0.5)
     p.mul_(1 - lr * weight_decay)
     if grad.dim() > 1:
         row_var, col_var = state["row_var"], state["col_var"]
@@ -38,8 +39,8 @@ def adafactor_update(p: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: f
     else:
         v_hat = state["variance"].lerp_(grad * grad, one_minus_beta2)
     update = v_hat.clamp(min=eps1 * eps1).rsqrt_().mul_(grad)
-    clip = max(1.0, update.norm(2).item() / (update.numel() ** 0.5 * d))
-    p.add_(update, alpha=-alpha / clip)
+    clip = (update.norm(2) / (update.numel() ** 0.5 * d)).clamp_(min=1.0)
+    p.sub_(update.mul_(alpha / clip))
 
 
 class Adafactor(RuleOptimizer):
