@@ -86,14 +86,42 @@ def test_divergence_before_any_checkpoint_says_nothing_was_saved(tmp_path, tiny_
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "diverged"
 
 
-def test_non_finite_gradient_stops_before_the_update(tmp_path, tiny_overrides):
-    t = make(tmp_path, tiny_overrides + ["max_iters=4"] + QUIET)
+@pytest.mark.parametrize("log_interval", [1, 5])
+def test_non_finite_gradient_stops_at_the_next_check_and_keeps_the_checkpoint(tmp_path, tiny_overrides, log_interval):
+    """Steps never wait for the device, so a bad step is caught at the next log point or eval, and
+    named; nothing it touched is saved."""
+    t = make(tmp_path, tiny_overrides + ["max_iters=10", "eval_interval=4", f"log_interval={log_interval}",
+                                         "sample_tokens=0"])
     weight = next(t.raw_model.parameters())
-    weight.register_hook(lambda g: g * float("inf"))  # finite loss, infinite gradient
-    before = [p.detach().clone() for p in t.raw_model.parameters()]
-    with pytest.raises(TrainingError, match="gradient norm became"):
-        t.train_step(0)
-    assert all(torch.equal(a, p) for a, p in zip(before, t.raw_model.parameters()))  # not touched
+    weight.register_hook(lambda g: g * float("inf") if t.step >= 5 else g)  # finite loss, infinite gradient
+    with pytest.raises(TrainingError, match=r"gradient norm became non-finite \(nan or inf\) at step 5") as info:
+        t.fit()
+    assert "ckpt_last.pt is kept" in str(info.value)
+    state = torch.load(tmp_path / "run" / ckpt.LAST, weights_only=True)
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_train_step_reads_nothing_from_the_device(tmp_path, tiny_overrides, monkeypatch):
+    """No .item()/float() of a tensor inside a step: the loss and norm come back as tensors. (The
+    optimizer's step counters are CPU tensors, always, so reading them never waits for a GPU.)"""
+    t = make(tmp_path, tiny_overrides + ["max_iters=4"] + QUIET)
+    t.train_step(0)  # creates the optimizer state
+    counters = {id(s["step"]) for s in t.optimizer.state.values() if "step" in s}
+    assert counters and all(s["step"].device.type == "cpu" for s in t.optimizer.state.values())
+    reads = []
+    for name in ("item", "tolist", "__float__", "__bool__"):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *a, _n=name, _r=real):
+            if id(self) not in counters:
+                reads.append((_n, tuple(self.shape)))
+            return _r(self, *a)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    metrics = t.train_step(1)
+    monkeypatch.undo()
+    assert reads == []
+    assert torch.is_tensor(metrics["loss"]) and torch.is_tensor(metrics["grad_norm"])
 
 
 # -- item 3: a fresh run never replaces another run --------------------------------------------

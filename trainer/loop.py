@@ -80,6 +80,7 @@ class Trainer:
         self.schedule = build(cfg.schedule) if cfg.decay_lr else Constant(float(cfg.learning_rate))
         self.scaler = self.precision.make_scaler(self.device)
         self._skipped_on_device = None  # fp16: steps the scaler skipped since the last read (a device tensor)
+        self._first_bad = None  # (loss, grad norm): the first step each was non-finite (a device tensor)
         self.step, self.best_val_loss, self.skipped_steps = 0, math.inf, 0
         self.best_val_bpb = math.inf
         self.last_eval: dict | None = None  # the latest eval's losses, saved with the checkpoint
@@ -190,7 +191,8 @@ class Trainer:
         }
 
     def save(self, best: bool = False) -> None:
-        self.check_finite_state()  # on every rank: the weights are the same everywhere
+        self.check_diverged()  # on every rank: the losses, norms and weights are the same everywhere
+        self.check_finite_state()
         if not self.dist.is_main:
             return
         state = self.state_dict()
@@ -247,9 +249,10 @@ class Trainer:
         self._skipped_steps, self._skipped_on_device = int(value), None
 
     def train_step(self, it: int) -> dict:
-        """One optimizer step. The loss and gradient norm are read on the host every step, so a
-        non-finite value stops the run before the update that would spread it into the weights; fp16's
-        skipped-step count stays on the device until a log point."""
+        """One optimizer step, without waiting for the device: the loss and gradient norm are returned
+        as device tensors, and a non-finite one is recorded on the device (``_watch``) and acted on
+        at the next log point, eval or checkpoint (``check_diverged``), before anything is saved.
+        So the CPU can queue the next steps while the GPU works, as in nanoGPT and torchtitan."""
         lr = self.lr(it)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # per-group multiples from the param_groups policy
@@ -263,14 +266,11 @@ class Trainer:
                     _, loss = self.model(x, y)
                 self.scaler.scale(loss / self.accum).backward()
             loss_sum += loss.detach()
-        loss_value = loss_sum.item() / self.accum
-        if not math.isfinite(loss_value):
-            raise self._diverged(f"loss became {loss_value} at step {it}")
+        loss = loss_sum / self.accum
         self.scaler.unscale_(self.optimizer)
         clip = float(self.cfg.grad_clip) if self.cfg.grad_clip else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip).item()
-        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():  # (fp16's scaler skips such steps)
-            raise self._diverged(f"gradient norm became {grad_norm} at step {it}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip).detach()
+        self._watch(it, loss, grad_norm)
         # the scale as a device tensor (GradScaler.get_scale() would wait for the device)
         scale_before = self.scaler._scale.clone() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
@@ -280,14 +280,26 @@ class Trainer:
             skipped = (self.scaler._scale < scale_before).int()
             pending = self._skipped_on_device
             self._skipped_on_device = skipped if pending is None else pending + skipped
-        return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm}
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
 
-    def _check_loss(self, it: int, loss: float) -> None:
-        if not math.isfinite(loss):
-            raise TrainingError(
-                f"loss became {loss} at step {it}; stopped. The last good checkpoint in {self.run_dir} is kept. "
-                "Try a lower learning rate, grad_clip, or precision=bf16"
-            )
+    _NEVER = 2**62  # "no bad step yet" in the device record of _watch
+
+    def _watch(self, it: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Remember, on the device, the first step whose loss (and, without fp16's scaler, which skips
+        such steps itself, whose gradient norm) was not finite: a few tiny kernels, no sync."""
+        bad = torch.stack([~torch.isfinite(loss), ~torch.isfinite(grad_norm) & (not self.scaler.is_enabled())])
+        first = torch.where(bad, it, self._NEVER)
+        self._first_bad = first if self._first_bad is None else torch.minimum(self._first_bad, first)
+
+    def check_diverged(self) -> None:
+        """Raise if a step so far had a non-finite loss or gradient norm (one read of the device)."""
+        if self._first_bad is None:
+            return
+        loss_step, norm_step = self._first_bad.tolist()
+        if loss_step < self._NEVER and loss_step <= norm_step:
+            raise self._diverged(f"loss became non-finite (nan or inf) at step {loss_step}")
+        if norm_step < self._NEVER:
+            raise self._diverged(f"gradient norm became non-finite (nan or inf) at step {norm_step}")
 
     # ------------------------------------------------------------------------------------------
     # evaluation and sampling
@@ -339,6 +351,7 @@ class Trainer:
     # the loop
 
     def _eval_and_checkpoint(self, it: int, final: bool) -> dict[str, float]:
+        self.check_diverged()
         self.check_finite_state()
         losses = self.evaluate()
         if not all(map(math.isfinite, losses.values())):  # finite but blown-up weights: not worth keeping
@@ -396,7 +409,6 @@ class Trainer:
                     if it % int(cfg.log_interval) == 0 or self.step == max_iters:
                         self._log_step(it, metrics, speed.lap())
                     if eval_interval > 0 and self.step % eval_interval == 0 and self.step < max_iters:
-                        self._check_loss(it, float(metrics["loss"]))
                         losses = self._eval_and_checkpoint(self.step, final=False)
                         speed.restart()  # evaluation and checkpointing are not training speed
                 losses = self._eval_and_checkpoint(self.step, final=True)
@@ -407,8 +419,8 @@ class Trainer:
 
     def _log_step(self, it: int, metrics: dict, rates: dict) -> None:
         """Log a step: the one place the loop reads the step's device values (and so waits for them)."""
+        self.check_diverged()
         metrics = {**metrics, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"])}
-        self._check_loss(it, metrics["loss"])
         dt = rates["step_ms"] / 1000
         scalars = step_scalars(metrics, dt, self.tokens_per_step, self.device, self.scaler, self.skipped_steps)
         scalars.update(tflops=rates["tflops"], mfu=rates["mfu"])
