@@ -81,6 +81,7 @@ def test_sequence_longer_than_context_is_rejected():
         (dict(n_embd=30, n_head=4), "not divisible by model.n_head"),
         (dict(n_layer=0), "n_layer"),
         (dict(dropout=1.0), "dropout"),
+        (dict(gelu="relu"), "model.gelu must be 'tanh'"),
     ],
 )
 def test_bad_config_raises_clear_error(kw, match):
@@ -115,3 +116,27 @@ def test_dropout_changes_training_outputs_only():
     torch.testing.assert_close(model(idx)[0], model(idx)[0])  # eval: deterministic
     model.train()
     assert not torch.allclose(model(idx)[0], model(idx)[0])
+
+
+@pytest.mark.parametrize("gelu", ["tanh", "exact"])
+def test_mlp_gelu_matches_its_closed_form_in_float64(gelu):
+    """model.gelu picks GPT-2's tanh approximation or the erf form (nanoGPT's nn.GELU)."""
+    from models.gpt import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(GPTConfig(n_embd=16, gelu=gelu)).double()
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    h = x @ mlp.c_fc.weight.T + mlp.c_fc.bias
+    if gelu == "tanh":
+        act = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
+    else:
+        act = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+    torch.testing.assert_close(mlp(x), act @ mlp.c_proj.weight.T + mlp.c_proj.bias, rtol=1e-12, atol=1e-12)
+
+
+def test_nano_recipe_uses_exact_gelu_and_gpt2_keeps_tanh():
+    from conftest import compose_cfg
+
+    assert compose_cfg([]).model.gelu == "exact"
+    assert compose_cfg(["model=gpt2"]).model.gelu == "tanh"
+    assert GPTConfig().gelu == "tanh"  # a checkpoint saved before model.gelu existed keeps its math
