@@ -31,7 +31,7 @@ from models.gpt import GPT, GPTConfig
 BASELINE = None  # trainer.optim from --baseline's checkout
 
 MODELS = {
-    "nano": GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128),
+    "nano": GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, gelu="exact"),
     "gpt2": GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768),
 }
 
