@@ -10,6 +10,7 @@ out=${1:-gpu_check}
 shift || true
 stages=${*:-tests headline resume fp16 nano bench gpt2 compile}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # absolute: the stages run from the repository root
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 
