@@ -89,20 +89,30 @@ def _rank_of(pid):
     return int(env_vars.get(b"RANK", b"-1"))
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes in /proc")
-def test_sigterm_to_one_torchrun_rank_stops_every_rank_at_the_same_step(tmp_path, tiny_overrides):
+def _signalled_torchrun(tmp_path, tiny_overrides, send) -> tuple[Path, str]:
+    """A 2-rank torchrun of the tiny recipe; once it passed step 3, ``send(proc)`` signals it.
+    Returns the run directory and the job's stderr."""
     run_dir = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN,
            *tiny_overrides, "max_iters=100000", "gradient_accumulation_steps=2", *QUIET, f"hydra.run.dir={run_dir}"]
     proc = start(cmd, tmp_path)
     try:
         wait_for_step(proc, 3, 100000)
-        workers = {_rank_of(p): p for p in _children(proc.pid)}
-        os.kill(workers[1], signal.SIGTERM)  # only rank 1 is told; rank 0 learns it through the all-reduce
-        out, err = proc.communicate(timeout=120)
+        send(proc)
+        _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    return run_dir, err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes in /proc")
+def test_sigterm_to_one_torchrun_rank_stops_every_rank_at_the_same_step(tmp_path, tiny_overrides):
+    def to_rank_1(proc):  # only rank 1 is told; rank 0 learns it through the all-reduce
+        workers = {_rank_of(p): p for p in _children(proc.pid)}
+        os.kill(workers[1], signal.SIGTERM)
+
+    run_dir, err = _signalled_torchrun(tmp_path, tiny_overrides, to_rank_1)
     stops = sorted(ln for ln in err.splitlines() if "stopped by SIGTERM at step" in ln)
     assert [ln.split(":")[0].split()[-1] for ln in stops] == ["0", "1"], err[-3000:]
     steps = {int(ln.rsplit(" ", 1)[1]) for ln in stops}
@@ -176,17 +186,8 @@ def test_checkpoint_path_that_is_a_directory_is_one_error_line(tmp_path, tiny_ov
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes in /proc")
 def test_ctrl_c_in_a_terminal_under_torchrun_saves_once_on_every_rank(tmp_path, tiny_overrides):
     """A terminal's Ctrl-C reaches torchrun and its workers, and torchrun forwards it once more."""
-    run_dir = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN,
-           *tiny_overrides, "max_iters=100000", "gradient_accumulation_steps=2", *QUIET, f"hydra.run.dir={run_dir}"]
-    proc = start(cmd, tmp_path)
-    try:
-        wait_for_step(proc, 3, 100000)
-        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: the whole process group
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    # what the terminal does: SIGINT to the whole process group
+    run_dir, err = _signalled_torchrun(tmp_path, tiny_overrides, lambda proc: os.killpg(proc.pid, signal.SIGINT))
     stops = [ln for ln in err.splitlines() if "stopped by SIGINT at step" in ln]
     assert len(stops) == 2 and len({ln.rsplit(" ", 1)[1] for ln in stops}) == 1, err[-3000:]
     assert "KeyboardInterrupt" not in err
