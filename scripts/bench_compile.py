@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_vs_nanogpt import OURS_LINE, REPO, timed_steps
+from bench_vs_nanogpt import OURS_LINE, REPO, ratio_cell, timed_steps
 
 from kernels import ATTENTION
 
@@ -99,7 +99,7 @@ def in_process(args) -> None:
         wall = [b / a for a, b in zip(e["wall"], c["wall"])]
         cpu = statistics.median(b / a for a, b in zip(e["cpu"], c["cpu"]))
         print(f"| {attn} | {statistics.median(e['wall']):,.0f} | {statistics.median(c['wall']):,.0f} | "
-              f"{statistics.median(wall):.2f}x ({', '.join(f'{v:.2f}' for v in wall)}) | {cpu:.2f}x | "
+              f"{ratio_cell(wall)} | {cpu:.2f}x | "
               f"{c['first']:.0f} |", flush=True)
 
 
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
         saved = med[False]["step_s"] - med[True]["step_s"]
         even = f"{extra / saved:,.0f}" if saved > 0 else "never"
         print(f"| {attn} | {med[False]['wall']:,.0f} | {med[True]['wall']:,.0f} | "
-              f"{statistics.median(wall):.2f}x ({', '.join(f'{x:.2f}' for x in wall)}) | {cpu:.2f}x | "
+              f"{ratio_cell(wall)} | {cpu:.2f}x | "
               f"{med[False]['first']:.0f} / {med[True]['first']:.0f} | {even} |", flush=True)
     return 0
 

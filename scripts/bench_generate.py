@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from bench_vs_nanogpt import ratio_cell
 from kernels import ATTENTION
 from models import GPT, GPTConfig
 
@@ -68,8 +69,7 @@ def main(argv=None) -> int:
             ratios.append(cached[-1] / plain[-1])
             same &= torch.equal(result[False][1], result[True][1])
         print(f"| {name} | {model.num_params() / 1e6:.2f}M | {statistics.median(plain):,.0f} | "
-              f"{statistics.median(cached):,.0f} | {statistics.median(ratios):.1f}x "
-              f"({', '.join(f'{x:.1f}' for x in ratios)}) | {'yes' if same else 'NO'} |", flush=True)
+              f"{statistics.median(cached):,.0f} | {ratio_cell(ratios, 1)} | {'yes' if same else 'NO'} |", flush=True)
     return 0
 
 

@@ -104,6 +104,11 @@ def tokens_per_sec(marks: list[tuple], start: int) -> tuple[float, float]:
     return tokens / (w1 - w0), tokens / max(c1 - c0, 1e-9)
 
 
+def ratio_cell(ratios: list[float], digits: int = 2) -> str:
+    """A table cell for alternated rounds: the median ratio, then every round's, e.g. '1.21x (1.18, 1.24)'."""
+    return f"{statistics.median(ratios):.{digits}f}x ({', '.join(f'{r:.{digits}f}' for r in ratios)})"
+
+
 def ours_cmd(args, run_dir: Path) -> list[str]:
     return [sys.executable, str(REPO / "scripts" / "train.py"), f"max_iters={args.iters}", "eval_interval=0",
             "log_interval=10", "sample_tokens=0", "device=cpu", f"hydra.run.dir={run_dir}", *args.ours]
