@@ -191,8 +191,17 @@ class Trainer:
         }
 
     def save(self, best: bool = False) -> None:
-        self.check_diverged()  # on every rank: the losses, norms and weights are the same everywhere
+        self.check_state()
+        self._write_checkpoints(best)
+
+    def check_state(self) -> None:
+        """Raise if a step diverged or the state to be saved is not finite. On every rank: the losses,
+        norms and weights are the same everywhere."""
+        self.check_diverged()
         self.check_finite_state()
+
+    def _write_checkpoints(self, best: bool) -> None:
+        """Write ckpt_last.pt (and ckpt_best.pt) on rank 0; the caller has run ``check_state``."""
         if not self.dist.is_main:
             return
         state = self.state_dict()
@@ -351,8 +360,7 @@ class Trainer:
     # the loop
 
     def _eval_and_checkpoint(self, it: int, final: bool) -> dict[str, float]:
-        self.check_diverged()
-        self.check_finite_state()
+        self.check_state()  # before evaluating; evaluation does not change what is then saved
         losses = self.evaluate()
         if not all(map(math.isfinite, losses.values())):  # finite but blown-up weights: not worth keeping
             raise self._diverged(f"eval loss became {losses['val']:g} (val), {losses['train']:g} (train) at step {it}")
@@ -366,7 +374,7 @@ class Trainer:
                          f"val bpb {losses['val_bpb']:.4f}")
         if self.dist.is_main and int(self.cfg.sample_tokens) > 0:
             self.log.text("sample", self.sample(), it)
-        self.save(best=improved)
+        self._write_checkpoints(best=improved)
         self.log.write_summary(step=it, best_val_loss=self.best_val_loss, final_val_loss=losses["val"] if final else None,
                                val_bpb=losses["val_bpb"], best_val_bpb=self.best_val_bpb)
         return losses
