@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import trainer.optim as ours
-from test_optim import MUON_CASES, TORCH_CASES, param_groups
+from test_optim import MUON_CASES, TORCH_CASES, param_groups, run  # run: parameter 1 skips every 7th step
 
 pytestmark = pytest.mark.gpu
 
@@ -26,16 +26,6 @@ TOL = dict(rtol=1e-5, atol=1e-6)
 def cuda_params(shapes, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(s, generator=gen).cuda().requires_grad_() for s in shapes]
-
-
-def run(opt, params, steps, seed=1):
-    """Random CUDA gradients; parameter 1 has none on every 7th step (it must be skipped)."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    for i in range(steps):
-        for j, p in enumerate(params):
-            g = torch.randn(p.shape, generator=gen, device="cuda")
-            p.grad = None if (j == 1 and i % 7 == 3) else g
-        opt.step()
 
 
 @pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
