@@ -3,6 +3,7 @@
 
     git clone https://github.com/karpathy/nanoGPT /tmp/nanoGPT          # any nanoGPT checkout
     OMP_WAIT_POLICY=PASSIVE python scripts/bench_vs_nanogpt.py /tmp/nanoGPT --rounds 3 --iters 300
+    OMP_WAIT_POLICY=PASSIVE python scripts/bench_vs_nanogpt.py /tmp/nanoGPT --in-process --rounds 6
 
 Both run the same nano recipe on the same text: our Shakespeare corpus (char-level) is written
 as nanoGPT's ``train.bin`` / ``val.bin`` / ``meta.pkl`` into a scratch directory, and nanoGPT's
@@ -52,7 +53,74 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=None, help="scratch directory (default: a temporary one)")
     p.add_argument("--ours", nargs="*", default=[], help="extra overrides for scripts/train.py (e.g. compile=true)")
     p.add_argument("--nanogpt-args", nargs="*", default=[], help="extra --key=value for nanoGPT (e.g. --compile=True)")
+    p.add_argument("--in-process", action="store_true",
+                   help="instead: time one training step of both models, and our Trainer.train_step, in this process")
+    p.add_argument("--steps", type=int, default=20, help="--in-process: steps per timed burst")
     return p.parse_args(argv)
+
+
+def in_process(args) -> None:
+    """The two models' cost without either program's loop: forward, backward, clip and AdamW on one
+    fixed batch, ours (GPT from models/) against nanoGPT's ``model.py``, with the same config and
+    initial weights, in alternated bursts; plus our ``Trainer.train_step`` (data, lr schedule,
+    divergence watch) against the bare step of its own model, to show what the loop adds."""
+    import torch
+
+    sys.path.insert(0, str(args.nanogpt.resolve()))
+    import model as nanogpt  # nanoGPT's model.py, from the checkout
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import compose_cfg
+
+    from trainer.loop import Trainer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = ["sample_tokens=0", "eval_interval=0", "device=cpu", "overwrite=true", "max_iters=1000000"]
+    trainer = Trainer(compose_cfg(overrides), Path(tempfile.mkdtemp(prefix="bench_nanogpt_")) / "run", overrides)
+    cfg = trainer.model_config
+    ours = trainer.raw_model
+    theirs = nanogpt.GPT(nanogpt.GPTConfig(**{k: getattr(cfg, k) for k in RECIPE if k != "batch_size"},
+                                           vocab_size=cfg.vocab_size, dropout=0.0, bias=True))
+    missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=False)
+    if unexpected or any(not k.endswith(".attn.bias") for k in missing):  # nanoGPT's causal-mask buffers aside
+        raise SystemExit(f"the two models' parameters differ: missing {missing}, unexpected {unexpected}")
+    (x, y), = [batch for _, batch in trainer._micro_batches(0)]
+    theirs_opt = torch.optim.AdamW(theirs.parameters(), **{k: trainer.optimizer.defaults[k]
+                                                            for k in ("lr", "betas", "weight_decay")})
+
+    def bare(model, opt):
+        def step(_it):
+            _, loss = model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    variants = {"ours (model step)": bare(ours, trainer.optimizer), "nanoGPT (model step)": bare(theirs, theirs_opt),
+                "ours (Trainer.train_step)": trainer.train_step}
+    ms = {name: [] for name in variants}
+    it = 0
+    for r in range(args.rounds + 1):  # round 0 warms up and is not counted
+        for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                variants[name](it)
+                it += 1
+            if r:
+                ms[name].append((time.perf_counter() - t0) / args.steps * 1e3)
+    trainer.release()
+    print(f"ms per step, {torch.get_num_threads()} thread(s), bursts of {args.steps} steps in {args.rounds} "
+          f"alternated rounds (median, then each round)\n")
+    for name, values in ms.items():
+        print(f"{name:28s} {statistics.median(values):6.2f} ms  ({', '.join(f'{v:.1f}' for v in values)})")
+    base = ms["nanoGPT (model step)"]
+    print(f"\nours / nanoGPT, model step: {ratio_cell([b / a for a, b in zip(ms['ours (model step)'], base)])} "
+          "(speed ratio, >1: ours faster)")
+    loop = [a - b for a, b in zip(ms["ours (Trainer.train_step)"], ms["ours (model step)"])]
+    print(f"Trainer.train_step minus its model step: {statistics.median(loop):+.2f} ms "
+          f"({', '.join(f'{v:+.2f}' for v in loop)})")
 
 
 def write_nanogpt_data(work: Path) -> Path:
@@ -127,6 +195,9 @@ def nanogpt_cmd(args, out_dir: Path) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.in_process:
+        in_process(args)
+        return 0
     if args.iters <= 100:  # nanoGPT's cosine schedule divides by (lr_decay_iters - warmup_iters)
         print("error: --iters must exceed the recipe's 100 warmup steps", file=sys.stderr)
         return 2
