@@ -4,11 +4,11 @@
 # the others. Logs and run summaries go to OUTDIR (default gpu_check/).
 #
 #   bash scripts/gpu_check.sh                        # every stage
-#   bash scripts/gpu_check.sh OUTDIR tests bench     # chosen stages: tests headline resume fp16 nano bench gpt2 compile
+#   bash scripts/gpu_check.sh OUTDIR tests bench     # chosen stages: tests headline resume sample fp16 nano bench gpt2 compile
 set -u
 out=${1:-gpu_check}
 shift || true
-stages=${*:-tests headline resume fp16 nano bench gpt2 compile}
+stages=${*:-tests headline resume sample fp16 nano bench gpt2 compile}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: the stages run from the repository root
 export PYTHONUNBUFFERED=1
@@ -60,6 +60,11 @@ if has resume; then  # continue the headline run for 200 more steps from its las
     summary "$runs/headline"
 fi
 
+if has sample; then  # KV-cached sampling from the headline run, in its precision, with and without the cache
+    stage sample-cached 60 python scripts/sample.py "$runs/headline" --num-tokens 500 --temperature 0 --stats
+    stage sample-uncached 90 python scripts/sample.py "$runs/headline" --num-tokens 500 --temperature 0 --stats --no-cache
+fi
+
 if has fp16; then  # fp16 autocast with loss scaling, flash's fp16 kernels
     stage fp16 120 python scripts/train.py attn=flash precision=fp16 max_iters=500 eval_interval=250 \
         hydra.run.dir="$runs/fp16-flash"
@@ -77,7 +82,7 @@ if has nano; then  # nano recipe, 500 steps: flash vs sdpa in fp32 and bf16
 fi
 
 if has bench; then
-    stage bench-tflops 120 python scripts/bench_attention.py --tflops
+    stage bench-tflops 240 python scripts/bench_attention.py --tflops
 fi
 
 if has gpt2; then  # GPT-2 small (124M, char vocabulary), bf16, 16 x 1024 tokens per step

@@ -282,8 +282,16 @@ def test_gpt2_small_training_tracks_sdpa():
 def test_nano_fp16_with_grad_scaler_tracks_sdpa():
     # head dim 32 (nano's), fp16 autocast: the scaled loss sends 2**16-times larger gradients
     # through flash's fp16 backward; the scaler must find them finite and the run must learn
+    # (memorize the batch). Measured on an H200 (2026-11-26): steps 0-20 agree within 0.2%
+    # (20: 2.9326 vs 2.9384) and both end at 0.0004, but the steep middle (loss 2 -> 0.1, steps
+    # 30-60) is chaotic in fp16: rounding moves it by up to 10% (50: 0.4438 vs 0.4041), as much as
+    # naive differs from sdpa there (mean relative gap over 200 steps: naive 0.034, flash 0.014, or
+    # 0.045 in a run beside 7 other test workers, where the tuner's timings may pick other blocks).
+    # So track the first 20 steps and require the memorized end.
     from models.gpt import GPTConfig
 
     config = GPTConfig(vocab_size=65, block_size=256, n_layer=4, n_head=4, n_embd=128)
     run = lambda fn: _train_losses(fn, config, 200, torch.float16, 8, 3e-3)  # noqa: E731
-    _assert_tracks(run(flash_attention), run(sdpa_attention), min_drop=0.5)
+    flash, sdpa = run(flash_attention), run(sdpa_attention)
+    _assert_tracks(flash[:20], sdpa[:20], min_drop=0.5)
+    assert max(flash[-1], sdpa[-1]) < 0.02, f"final losses flash {flash[-1]:.4f}, sdpa {sdpa[-1]:.4f}"
