@@ -33,12 +33,14 @@ AttnFn = Callable[..., torch.Tensor]
 class KVCache:
     """Keys and values of the tokens already seen, per layer, in buffers of ``block_size`` positions.
 
-    ``length`` tokens are cached; :meth:`GPT.forward` with a cache runs the next tokens at positions
-    ``length, length + 1, ...`` and appends their keys and values.
+    ``length`` tokens are cached, the first of them at index ``start`` of the whole sequence and at
+    position 0; :meth:`GPT.forward` with a cache runs the next tokens at positions ``length,
+    length + 1, ...`` and appends their keys and values.
     """
 
-    def __init__(self, n_layer: int, max_len: int):
+    def __init__(self, n_layer: int, max_len: int, start: int = 0):
         self.max_len = max_len
+        self.start = start  # where in the whole sequence the first cached token (position 0) is
         self.length = 0
         self.k: list[torch.Tensor | None] = [None] * n_layer  # (B, H, max_len, D) each, allocated on first use
         self.v: list[torch.Tensor | None] = [None] * n_layer
@@ -53,6 +55,14 @@ class KVCache:
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def window_start(length: int, block_size: int, stride: int = 1) -> int:
+    """Where the context window of a ``length``-token sequence starts: 0 while the sequence fits
+    in ``block_size``, then moved on in steps of ``stride``, by as few steps as keep the window
+    within ``block_size`` (stride 1: the last ``block_size`` tokens)."""
+    over = length - block_size
+    return 0 if over <= 0 else -(-over // stride) * stride
 
 
 @dataclass
@@ -204,22 +214,26 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def _next_logits(
-        self, idx: torch.Tensor, cache: KVCache | None, use_cache: bool
+        self, idx: torch.Tensor, cache: KVCache | None, use_cache: bool, window_stride: int = 1
     ) -> tuple[torch.Tensor, KVCache | None]:
-        """Logits (B, V) for the token after ``idx``, the context cropped to the last ``block_size``.
+        """Logits (B, V) for the token after ``idx``, seeing the context window ``idx[:, start:]``.
 
-        With a cache only the newest token runs through the model. Once the context is longer than
-        ``block_size`` the window slides, and since positions are learned absolute embeddings every
-        position of the shifted window changes: the cache is rebuilt from the cropped window, which
-        costs what uncached decoding costs, and keeps the two token-for-token equal.
+        The window is the whole sequence until it reaches ``block_size`` tokens; then its start
+        moves ``window_stride`` tokens at a time (:func:`window_start`). With a cache only the
+        newest token runs through the model while the start stays put. Positions are learned
+        absolute embeddings, so when the start moves every cached position changes: the cache is
+        rebuilt from the new window. With stride 1 (the exact sliding window) that happens at
+        every token past ``block_size`` and costs what uncached decoding costs; with a stride of
+        ``block_size // 2``, once per that many tokens. Cached and uncached decoding see the same
+        windows, so they give the same tokens for any stride.
         """
-        block = self.config.block_size
+        start = window_start(idx.shape[1], self.config.block_size, window_stride)
         if not use_cache:
-            return self.lm_head(self._hidden(idx[:, -block:])[:, -1]), None
-        if cache is not None and cache.length == idx.shape[1] - 1 and cache.length < block:
+            return self.lm_head(self._hidden(idx[:, start:])[:, -1]), None
+        if cache is not None and cache.start == start and cache.start + cache.length == idx.shape[1] - 1:
             new = idx[:, -1:]  # the one token not yet cached
-        else:  # first call, or the window slid: (re)fill the cache from the cropped context
-            cache, new = KVCache(self.config.n_layer, block), idx[:, -block:]
+        else:  # first call, or the window moved: (re)fill the cache from the window
+            cache, new = KVCache(self.config.n_layer, self.config.block_size, start), idx[:, start:]
         return self.lm_head(self._hidden(new, cache)[:, -1]), cache
 
     @torch.no_grad()
@@ -231,17 +245,25 @@ class GPT(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        window_stride: int = 1,
     ) -> torch.Tensor:
         """Sample ``max_new_tokens`` tokens after ``idx`` (B, T); temperature 0 means greedy.
 
         ``use_cache`` keeps a KV cache, so each new token costs one position's forward pass instead
         of the whole context's; the tokens are the same either way (up to float rounding).
+        Past ``block_size`` tokens the context window moves ``window_stride`` tokens at a time:
+        1 (default) slides it every token, as uncached nanoGPT does, and the cache must then be
+        rebuilt every token; ``block_size // 2`` keeps every token's context between half and all
+        of ``block_size`` and lets the cache serve all but one token in ``window_stride``.
         """
         if not (temperature >= 0 and math.isfinite(temperature)):  # also catches nan
             raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+        block = self.config.block_size
+        if isinstance(window_stride, bool) or not isinstance(window_stride, int) or not 1 <= window_stride <= block:
+            raise ValueError(f"window_stride must be an integer from 1 to block_size={block}, got {window_stride!r}")
         cache = None  # the first step fills it from the prompt
         for _ in range(max_new_tokens):
-            logits, cache = self._next_logits(idx, cache, use_cache)
+            logits, cache = self._next_logits(idx, cache, use_cache, window_stride)
             logits = logits.float()
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)

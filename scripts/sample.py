@@ -5,6 +5,11 @@
     python scripts/sample.py runs/<run>/ckpt_best.pt --prompt "ROMEO:" --num-tokens 300 \\
         --temperature 0.8 --top-k 50 --seed 0 --num-samples 2
     python scripts/sample.py runs/<run> --device cuda:1 --attn sdpa --precision bf16
+    python scripts/sample.py runs/<run> --num-tokens 2000 --window-stride 32   # context 64: half of it
+
+Past the model's context (block_size) the default window slides one token at a time, as nanoGPT's
+sampling does; since positions are absolute, that rebuilds the KV cache at every token.
+``--window-stride`` moves it in bigger steps so the cache serves the tokens in between.
 """
 from __future__ import annotations
 
@@ -43,6 +48,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="autocast precision (default: the run's own)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
+    p.add_argument("--window-stride", type=int, default=1,
+                   help="past the model's context, move the context window this many tokens at a time: 1 slides "
+                        "it every token (exact, but the KV cache is rebuilt every token); half the context keeps "
+                        "the cache useful, each token then seeing half to all of the context")
     p.add_argument("--stats", action="store_true", help="print tokens/s to stderr")
     return p
 
@@ -115,6 +124,9 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.set_device(device)  # Triton launches on the current device
         model, tok, precision = load_model(args, device)
+        block = model.config.block_size
+        if not 1 <= args.window_stride <= block:
+            raise ConfigError(f"--window-stride must be from 1 to the model's context ({block}), got {args.window_stride}")
         prompt = tok.encode(args.prompt)
         if not prompt:
             raise ConfigError("--prompt encodes to no tokens; give some text")
@@ -127,7 +139,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         with precision.autocast(device):
             out = model.generate(idx, args.num_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                                 generator=gen, use_cache=not args.no_cache)
+                                 generator=gen, use_cache=not args.no_cache, window_stride=args.window_stride)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kernels import ATTENTION
-from models import GPT, GPTConfig, KVCache
+from models import GPT, GPTConfig, KVCache, window_start
 
 SMALL = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)  # head dim 16: flash can run it
 
@@ -51,6 +51,9 @@ def test_flash_greedy_with_cache_under_the_interpreter():
     model = make("flash", block_size=8)
     idx = torch.randint(0, 50, (1, 3))
     assert torch.equal(model.generate(idx, 7, temperature=0), reference_greedy(model, idx, 7))
+    # past the window, moving 4 tokens at a time (the cache refilled at lengths 9 and 13)
+    assert torch.equal(model.generate(idx, 12, temperature=0, window_stride=4),
+                       reference_greedy_windowed(model, idx, 12, 4))
 
 
 def test_prompt_longer_than_the_context_is_cropped():
@@ -105,3 +108,62 @@ def test_cached_generation_under_bf16_autocast():
 def test_bad_temperature_is_refused(temperature):
     with pytest.raises(ValueError, match="temperature"):
         make().generate(torch.zeros(1, 1, dtype=torch.long), 3, temperature=temperature)
+
+
+def reference_greedy_windowed(model, idx, n, stride):
+    """Greedy decoding written out for a window that, once full, moves ``stride`` tokens at a time:
+    each token sees the tokens from the last multiple of ``stride`` that keeps it within
+    block_size (worked out here by counting, independently of models.window_start)."""
+    block = model.config.block_size
+    start = 0
+    for _ in range(n):
+        while idx.shape[1] - start > block:
+            start += stride
+        logits, _ = model(idx[:, start:])
+        idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    return idx
+
+
+def test_window_start_closed_form():
+    # block 16: the window covers the whole sequence up to 16 tokens, then moves
+    assert [window_start(n, 16, 1) for n in (1, 16, 17, 40)] == [0, 0, 1, 24]
+    assert [window_start(n, 16, 8) for n in (16, 17, 24, 25, 32, 33)] == [0, 8, 8, 16, 16, 24]
+    assert [window_start(n, 16, 16) for n in (16, 17, 32, 33)] == [0, 16, 16, 32]
+    for n in range(1, 100):  # every window holds between block - stride + 1 and block tokens
+        for stride in (1, 3, 8, 16):
+            s = window_start(n, 16, stride)
+            assert n - s <= 16 and (n <= 16 or n - s > 16 - stride) and s % stride == 0
+
+
+@pytest.mark.parametrize("attn", [name for name in ATTENTION if name != "flash"])
+@pytest.mark.parametrize("stride", [1, 5, 8, 16])
+def test_window_stride_with_cache_equals_without_and_the_written_out_rule(attn, stride):
+    skip_if_no_short_queries(attn)
+    model = make(attn)
+    idx = torch.randint(0, 50, (2, 3))
+    n = 50  # 53 tokens, block 16: the window moves several times, by a stride that divides 16 or not
+    cached = model.generate(idx, n, temperature=0, window_stride=stride)
+    uncached = model.generate(idx, n, temperature=0, use_cache=False, window_stride=stride)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, reference_greedy_windowed(model, idx, n, stride))
+
+
+def test_window_stride_rebuilds_the_cache_only_when_the_window_moves(monkeypatch):
+    # count the tokens that run through the model: stride 8 with block 16 from a 1-token prompt,
+    # 40 new tokens (41 in all): steps 1..15 one token each after a 1-token prefill, then at
+    # lengths 17, 25, 33 the window moves and 9 tokens (the window) are refilled, else 1 token
+    model = make()
+    seen = []
+    real = model._hidden
+    monkeypatch.setattr(model, "_hidden", lambda idx, cache=None: seen.append(idx.shape[1]) or real(idx, cache))
+    model.generate(torch.zeros(1, 1, dtype=torch.long), 40, temperature=0, window_stride=8)
+    assert len(seen) == 40
+    assert [i for i, t in enumerate(seen) if t > 1] == [16, 24, 32]  # the steps at lengths 17, 25, 33
+    assert all(seen[i] == 9 for i in (16, 24, 32))  # 17 - 8 = 25 - 16 = 33 - 24 = 9 tokens
+    assert sum(seen) == 40 - 3 + 27
+
+
+@pytest.mark.parametrize("stride", [0, -1, 17, 2.0, True])
+def test_bad_window_stride_is_refused(stride):
+    with pytest.raises(ValueError, match="window_stride must be an integer from 1 to block_size=16"):
+        make().generate(torch.zeros(1, 1, dtype=torch.long), 3, temperature=0, window_stride=stride)

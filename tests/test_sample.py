@@ -38,6 +38,9 @@ def test_greedy_with_and_without_cache_print_the_same_text(run_dir, capsys):
     assert rc == 0 and cached.startswith("ALL:")
     rc, uncached, _ = sample_main(capsys, *args, "--no-cache")
     assert rc == 0 and cached == uncached
+    rc, strided, _ = sample_main(capsys, *args, "--window-stride", "16")  # the window moves at 33
+    rc2, strided_uncached, _ = sample_main(capsys, *args, "--window-stride", "16", "--no-cache")
+    assert rc == rc2 == 0 and strided == strided_uncached and strided[:33] == cached[:33]
 
 
 def test_loads_weights_only_to_cpu_first_and_uses_the_runs_precision(run_dir, monkeypatch):
@@ -89,6 +92,8 @@ def test_attn_choices_come_from_the_registry(run_dir, capsys):
         (["--top-k", "-3"], "--top-k must be >= 0"),
         (["--num-tokens", "0"], "--num-tokens"),
         (["--prompt", ""], "--prompt encodes to no tokens"),
+        (["--window-stride", "0"], "--window-stride must be from 1 to the model's context (32), got 0"),
+        (["--window-stride", "33"], "--window-stride must be from 1 to the model's context (32)"),
         (["--device", "cuda:1"] if not torch.cuda.is_available() else ["--device", "tpu"], "device="),
     ],
 )
