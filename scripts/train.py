@@ -99,9 +99,9 @@ def main(cfg: DictConfig) -> float | None:
         if summary.get("status") == "interrupted":
             raise SystemExit(trainer.exit_code)  # 130 after Ctrl-C, 143 after SIGTERM
         if trainer.dist.is_main:
-            print(f"done: val loss {summary.get('final_val_loss'):.4f}, outputs in {trainer.run_dir}", flush=True)
+            trainer.log.message(f"done: val loss {summary.get('final_val_loss'):.4f}, outputs in {trainer.run_dir}")
             if int(cfg.sample_tokens) > 0:
-                print("sample:\n" + trainer.sample(), flush=True)
+                trainer.log.message("sample:\n" + trainer.sample())
         return summary.get("best_val_loss")
     except USER_ERRORS as e:
         if trainer is not None:

@@ -29,6 +29,9 @@ def test_run_dir_named_by_overrides_then_sample(tmp_path, tiny_overrides):
     assert (run_dir / "ckpt_last.pt").exists() and (run_dir / "config.yaml").exists()
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     assert "done: val loss" in proc.stdout and "sample:" in proc.stdout
+    # train.log keeps what the console showed (Hydra's own log file used to stay empty)
+    log = (run_dir / "train.log").read_text()
+    assert log == proc.stdout
 
     out = run([SAMPLE, str(run_dir), "--prompt", "ALL:", "--num-tokens", "20", "--seed", "3"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -68,6 +71,7 @@ def test_a_bug_keeps_its_traceback_and_marks_the_run_failed(tmp_path, tiny_overr
     assert "error: injected bug" not in proc.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and "injected bug" in summary["error"]
+    assert (run_dir / "train.log").read_text().splitlines()[-1].startswith("failed at step 0: injected bug")
 
 
 def test_unknown_group_option_lists_choices(tmp_path):
@@ -112,3 +116,6 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_overrides):
                 f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((run_dir / "summary.json").read_text())["step"] == state["step"] + 2
+    log = (run_dir / "train.log").read_text()  # one log for the run, continued by the resume
+    assert log.index("interrupted at step") < log.index("resumed from") < log.index("done: val loss")
+    assert log.endswith(proc.stdout)

@@ -461,6 +461,8 @@ class Trainer:
     def fail(self, error: BaseException, status: str = "failed") -> None:
         """Record a run that stopped on an error (the checkpoints already written stay valid)."""
         try:
+            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            self.log.message(f"{status} at step {self.step}: {first_line}", console=False)  # the caller prints it
             self.log.write_summary(status=status, step=self.step, error=str(error))
             self.log.close()
         except OSError as e:  # e.g. the disk that stopped the run is still full

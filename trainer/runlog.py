@@ -1,4 +1,5 @@
-"""Run outputs: TensorBoard scalars/text/hparams, ``summary.json``, and console progress.
+"""Run outputs: TensorBoard scalars/text/hparams, ``summary.json``, console progress, and the same
+progress lines in ``train.log``.
 
 Only rank 0 constructs a ``RunLogger``; other ranks get a ``NullLogger`` with the same methods.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 SUMMARY = "summary.json"
+LOG = "train.log"  # the console's lines, appended (a resumed run continues its log)
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -83,6 +85,7 @@ class RunLogger:
             "wall_time_s": None, "overrides": list(overrides), "error": None,
         }
         self._bar = None
+        self._log_warned = False
         if sys.stdout.isatty():
             from tqdm import tqdm
 
@@ -111,21 +114,37 @@ class RunLogger:
     def progress(self, step: int, loss: float, lr: float, tokens_per_sec: float, step_ms: float,
                  mfu: float | None = None, tflops: float | None = None) -> None:
         mfu_text = "unknown" if mfu is None else f"{mfu:.1%}"  # unknown: no peak known for this device
+        flops = "" if tflops is None else f", {tflops:.3g} TFLOP/s"
+        line = (f"step {step:>6}/{self.max_iters}: loss {loss:.4f}, lr {lr:.2e}, "
+                f"{tokens_per_sec:,.0f} tok/s, {step_ms:.1f} ms/step{flops}, mfu {mfu_text}")
+        self._to_file(line)
         if self._bar is not None:
             self._bar.n = step + 1
             self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}", mfu=mfu_text,
                                   refresh=False)
             self._bar.refresh()
         else:
-            flops = "" if tflops is None else f", {tflops:.3g} TFLOP/s"
-            print(f"step {step:>6}/{self.max_iters}: loss {loss:.4f}, lr {lr:.2e}, "
-                  f"{tokens_per_sec:,.0f} tok/s, {step_ms:.1f} ms/step{flops}, mfu {mfu_text}", flush=True)
+            print(line, flush=True)
 
-    def message(self, text: str) -> None:
+    def message(self, text: str, console: bool = True) -> None:
+        """A line for the console (unless ``console`` is False) and ``train.log``."""
+        self._to_file(text)
+        if not console:
+            return
         if self._bar is not None:
             self._bar.write(text)
         else:
             print(text, flush=True)
+
+    def _to_file(self, text: str) -> None:
+        # opened per line: a log of a few hundred lines costs nothing, and a crash loses none of it
+        try:
+            with open(self.run_dir / LOG, "a", encoding="utf-8") as f:
+                f.write(text + "\n")
+        except OSError as e:  # the log is a convenience: checkpoints and summary.json report their own errors
+            if not self._log_warned:
+                self._log_warned = True
+                print(f"warning: cannot write {self.run_dir / LOG}: {e.strerror or e}", file=sys.stderr, flush=True)
 
     # -- summary.json ------------------------------------------------------------------------
     def write_summary(self, **updates) -> None:
@@ -138,6 +157,7 @@ class RunLogger:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+            self._bar = None  # later messages (the final sample) print plainly
         self.writer.flush()
         self.writer.close()
 
