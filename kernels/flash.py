@@ -142,11 +142,22 @@ def _launch(fk, name: str, q: torch.Tensor, t_q: int, t_k: int, args: tuple, con
     run(cfg)
 
 
+_HOLD_CYCLES = 20_000_000  # about 10 ms of GPU clock: far longer than launching ``reps`` kernels
+
+
 def _time_ms(run, cfg: fc.Config, reps: int = 10) -> float:
     """Mean ms of one launch over ``reps``, after one warm-up (which compiles). CUDA events only:
-    no cache-flush buffer is allocated, so tuning adds nothing to the run's peak memory."""
+    no cache-flush buffer is allocated, so tuning adds nothing to the run's peak memory.
+
+    A short kernel (tens of microseconds at T <= 1024) runs faster than Python can launch it, so
+    timing back-to-back launches would time the launching, the same for every config. The stream
+    is first held by a GPU spin (``torch.cuda._sleep``) while the launches queue up behind it; the
+    events then time the kernels alone, as they run in training, where the CPU runs ahead."""
     run(cfg)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    hold = getattr(torch.cuda, "_sleep", None)
+    if hold is not None:
+        hold(_HOLD_CYCLES)
     start.record()
     for _ in range(reps):
         run(cfg)

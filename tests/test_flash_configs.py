@@ -115,3 +115,37 @@ def test_single_candidate_is_not_benchmarked():
     timer = Timer()
     fc.choose("fwd", 128, 4, limit, 4096, 4096, (0,), timer, {})
     assert timer.calls == []
+
+
+def test_tuning_times_queued_kernels_not_their_launching(monkeypatch):
+    """_time_ms holds the stream with a GPU spin before its start event, so the timed launches queue
+    up behind it and the events time kernels, not Python's launch rate (CUDA mocked: the order of
+    stream operations is what is checked; the timing itself runs in tests/test_flash_gpu.py)."""
+    import torch
+
+    from kernels import flash
+
+    ops = []
+    names = iter(["start", "end"])  # _time_ms creates its two events in this order
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.name = next(names)
+
+        def record(self):
+            ops.append(self.name)
+
+        def synchronize(self):
+            ops.append("sync")
+
+        def elapsed_time(self, other):
+            return 5.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: ops.append(f"hold {cycles}"))
+    ms = flash._time_ms(lambda cfg: ops.append("launch"), fc.Config(64, 64, 4, 3), reps=10)
+    assert ms == 0.5
+    hold = f"hold {flash._HOLD_CYCLES}"
+    assert ops == ["launch", hold, "start"] + ["launch"] * 10 + ["end", "sync"]
+    assert flash._HOLD_CYCLES >= 10_000_000  # >= 5 ms even at 2 GHz: far beyond 10 launches of ~50 us
