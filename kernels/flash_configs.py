@@ -10,6 +10,7 @@ Pure Python (no Triton, no CUDA), so CPU tests can check every decision made her
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 from trainer.errors import UnavailableError
@@ -145,6 +146,12 @@ def candidates(kernel: str, head_dim: int, elem_bytes: int, shared_limit: int, c
     )
 
 
+@functools.lru_cache(maxsize=None)
+def _candidates_cached(kernel: str, head_dim: int, elem_bytes: int, shared_limit: int, capability: int) -> tuple:
+    # choose() runs at every launch; the answer depends on these five values only
+    return tuple(candidates(kernel, head_dim, elem_bytes, shared_limit, capability))
+
+
 def bucket(t: int) -> int:
     """The power of two at or above ``t``: lengths in one bucket share one tuning result."""
     return 1 << max(int(t) - 1, 0).bit_length()
@@ -161,7 +168,7 @@ def choose(
     one fits. Otherwise the fastest candidate by ``time_ms``, measured once per ``key`` and
     bucket of (t_q, t_k), so a new sequence length in a known bucket never re-tunes.
     """
-    configs = candidates(kernel, head_dim, elem_bytes, shared_limit, capability)
+    configs = _candidates_cached(kernel, head_dim, elem_bytes, shared_limit, capability)
     if deterministic or len(configs) == 1 or min(t_q, t_k) <= SHORT_T:
         return configs[0]
     full_key = (kernel, head_dim, elem_bytes, *key, bucket(t_q), bucket(t_k))
