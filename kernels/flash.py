@@ -11,6 +11,9 @@ The kernel is registered as the custom ops ``gptlab::flash_attn_fwd`` / ``gptlab
 with fake (meta) implementations, so ``torch.compile`` traces models that use it without graph
 breaks, and autograd runs the Triton backward.
 
+``TRITON_PRINT_AUTOTUNING=1`` (Triton's own switch) prints one line to stderr per tuning: the
+kernel, head dim, dtype, length bucket, the config picked and every candidate's time.
+
 Supported: head dims 16, 32, 64, 128 (others raise rather than being padded, so the cost of a
 padded head never hides in a benchmark); fp16, bf16 and fp32 inputs, accumulated in fp32. fp32
 inputs multiply in full fp32 (``input_precision="ieee"``) unless TF32 is enabled for matmuls
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import torch
 
@@ -137,9 +141,28 @@ def _launch(fk, name: str, q: torch.Tensor, t_q: int, t_k: int, args: tuple, con
         return run(fc.INTERPRETER[name])
     key = (q.device.index, str(q.dtype), consts["CAUSAL"], consts["PRECISION"])
     shared, capability = _gpu(fk, q.device)
-    cfg = fc.choose(name, consts["HEAD_D"], q.element_size(), shared, t_q, t_k, key, lambda c: _time_ms(run, c),
+    timings: dict = {}
+
+    def time_ms(c: fc.Config) -> float:
+        timings[c] = _time_ms(run, c)
+        return timings[c]
+
+    cfg = fc.choose(name, consts["HEAD_D"], q.element_size(), shared, t_q, t_k, key, time_ms,
                     _TUNED, torch.are_deterministic_algorithms_enabled(), capability)
+    if timings and os.environ.get("TRITON_PRINT_AUTOTUNING") == "1":  # Triton's own switch for this
+        _print_tuning(name, q, t_q, t_k, cfg, timings)
     run(cfg)
+
+
+def _print_tuning(name: str, q: torch.Tensor, t_q: int, t_k: int, cfg: fc.Config, timings: dict) -> None:
+    """One line per tuning (to stderr: stdout may be a sample's text): the pick and every timing."""
+    def label(c: fc.Config) -> str:
+        return f"{c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}"
+
+    others = ", ".join(f"{label(c)} {ms * 1000:.1f} us" for c, ms in sorted(timings.items(), key=lambda kv: kv[1]))
+    print(f"flash tuning {name} D={q.shape[-1]} {str(q.dtype).replace('torch.', '')} "
+          f"T<={fc.bucket(t_q)}x{fc.bucket(t_k)} on {q.device}: picked {label(cfg)} ({others})",
+          file=sys.stderr, flush=True)
 
 
 _HOLD_CYCLES = 20_000_000  # about 10 ms of GPU clock: far longer than launching ``reps`` kernels

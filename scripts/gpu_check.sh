@@ -82,7 +82,7 @@ if has nano; then  # nano recipe, 500 steps: flash vs sdpa in fp32 and bf16
 fi
 
 if has bench; then
-    stage bench-tflops 240 python scripts/bench_attention.py --tflops
+    stage bench-tflops 240 env TRITON_PRINT_AUTOTUNING=1 python scripts/bench_attention.py --tflops  # + each tuning
 fi
 
 if has gpt2; then  # GPT-2 small (124M, char vocabulary), bf16, 16 x 1024 tokens per step

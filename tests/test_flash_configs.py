@@ -149,3 +149,50 @@ def test_tuning_times_queued_kernels_not_their_launching(monkeypatch):
     hold = f"hold {flash._HOLD_CYCLES}"
     assert ops == ["launch", hold, "start"] + ["launch"] * 10 + ["end", "sync"]
     assert flash._HOLD_CYCLES >= 10_000_000  # >= 5 ms even at 2 GHz: far beyond 10 launches of ~50 us
+
+
+def test_launch_uses_the_fastest_config_and_prints_tunings_on_request(monkeypatch, capsys):
+    """flash_attention's launch path on CPU tensors with the Triton kernels and GPU timing mocked:
+    the config launched is the one with the smallest measured time, tuning happens once per
+    length bucket, and TRITON_PRINT_AUTOTUNING=1 prints each tuning's timings to stderr."""
+    import types
+
+    import torch
+
+    from kernels import flash
+
+    launched = []
+
+    class FakeKernel:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, BLOCK_M, BLOCK_N, **kw: launched.append(
+                (self.name, BLOCK_M, BLOCK_N, kw.get("num_warps"), kw.get("num_stages")))
+
+    fake = types.SimpleNamespace(INTERPRETED=False, KERNELS={n: FakeKernel(n) for n in ("fwd", "dkdv", "dq", "preprocess")})
+    monkeypatch.setattr(flash, "_kernels", lambda q: fake)
+    monkeypatch.setattr(flash, "_gpu", lambda fk, device: (fc.TARGETS[90][0], 90))
+    monkeypatch.setattr(flash, "_TUNED", {})
+    monkeypatch.setenv("TRITON_PRINT_AUTOTUNING", "1")
+    configs = fc.candidates("fwd", 64, 2, fc.TARGETS[90][0], 90)
+    fake_ms = {c: 1.0 + i for i, c in enumerate(reversed(configs))}  # the last candidate is fastest
+
+    def time_ms(run, cfg, reps=10):
+        run(cfg)
+        return fake_ms[cfg]
+
+    monkeypatch.setattr(flash, "_time_ms", time_ms)
+    q = torch.zeros(1, 2, 1000, 64, dtype=torch.bfloat16)
+    flash.flash_attention(q, q, q)
+    best = configs[-1]
+    assert launched[-1] == ("fwd", *best)  # tuned: every candidate ran once, then the pick
+    assert len(launched) == len(configs) + 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("flash tuning fwd D=64 bfloat16 T<=1024x1024 on cpu: picked ")
+    assert f"picked {best.block_m}x{best.block_n} w{best.num_warps} s{best.num_stages} (" in err
+    launched.clear()
+    flash.flash_attention(torch.zeros(1, 2, 900, 64, dtype=torch.bfloat16), q[:, :, :900], q[:, :, :900])
+    assert launched == [("fwd", *best)]  # same bucket: no tuning, no print
+    assert capsys.readouterr().err == ""
