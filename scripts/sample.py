@@ -147,8 +147,9 @@ def main(argv=None) -> int:
             print("-" * 40)
         print(tok.decode(out[0].tolist()), flush=True)
         if args.stats:
+            stride = f", window stride {args.window_stride}" if args.window_stride > 1 else ""
             print(f"{args.num_tokens / dt:,.1f} tokens/s ({args.num_tokens} tokens in {dt:.2f} s, "
-                  f"{'no cache' if args.no_cache else 'KV cache'}, {precision.name})", file=sys.stderr, flush=True)
+                  f"{'no cache' if args.no_cache else 'KV cache'}{stride}, {precision.name})", file=sys.stderr, flush=True)
     return 0
 
 
