@@ -147,6 +147,39 @@ def _write_hydra_records(trainer, hc) -> None:
     OmegaConf.save(OmegaConf.create(list(trainer.overrides)), out / "overrides.yaml")
 
 
+# nanoGPT's (and common) names that are spelled differently here, for the hint below
+NANOGPT_NAMES = {
+    "lr": "learning_rate (or optim.lr)", "n_layer": "model.n_layer", "n_head": "model.n_head",
+    "n_embd": "model.n_embd", "dropout": "model.dropout", "bias": "model.bias",
+    "weight_decay": "optim.weight_decay", "beta1": "optim.betas=[0.9,0.95]", "beta2": "optim.betas=[0.9,0.95]",
+    "dtype": "precision=fp32|bf16|fp16", "dataset": "data=shakespeare|text|tokens (data.path=...)",
+    "out_dir": "hydra.run.dir", "init_from": "resume=true (or resume=<checkpoint>)",
+    "attention": "attn", "optimizer": "optim", "iters": "max_iters", "steps": "max_iters",
+    "batch": "batch_size", "context": "block_size",
+}
+
+
+def _unknown_key_hint(argv: list[str]) -> str | None:
+    """After Hydra refused an override: a line naming this trainer's spelling of each unknown key
+    (nanoGPT's names first, else the closest key), or None when every key is known."""
+    import difflib
+
+    known = set(OmegaConf.load(Path(__file__).resolve().parent.parent / "configs" / "train.yaml"))
+    known |= {"model", "attn", "optim", "schedule", "data", "precision", "hydra", "experiment"}
+    hints = []
+    for arg in argv:
+        if arg.startswith(("-", "+", "~")) or "=" not in arg:
+            continue
+        root = arg.partition("=")[0].split(".")[0]
+        if root in known:
+            continue
+        close = difflib.get_close_matches(root, sorted(known), n=1)
+        better = NANOGPT_NAMES.get(root) or (close[0] if close else None)
+        if better:
+            hints.append(f"'{root}' is not a setting here: use {better}")
+    return "hint: " + "; ".join(hints) + " (see configs/train.yaml)" if hints else None
+
+
 def _remove_if_empty(path: str) -> None:
     try:
         os.rmdir(path)
@@ -156,4 +189,11 @@ def _remove_if_empty(path: str) -> None:
 
 if __name__ == "__main__":
     _check_output_dir()
-    main()
+    try:
+        main()
+    except SystemExit as exit_:
+        if exit_.code == 1 and int(os.environ.get("RANK", "0")) == 0:  # Hydra refused an override?
+            hint = _unknown_key_hint(sys.argv[1:])
+            if hint:
+                print(hint, file=sys.stderr, flush=True)
+        raise

@@ -74,6 +74,19 @@ def test_a_bug_keeps_its_traceback_and_marks_the_run_failed(tmp_path, tiny_overr
     assert (run_dir / "train.log").read_text().splitlines()[-1].startswith("failed at step 0: injected bug")
 
 
+@pytest.mark.parametrize("args, hint", [
+    (["lr=1e-3"], "hint: 'lr' is not a setting here: use learning_rate (or optim.lr) (see configs/train.yaml)"),
+    (["max_iter=3", "n_embd=64"], "hint: 'max_iter' is not a setting here: use max_iters; "
+                                  "'n_embd' is not a setting here: use model.n_embd (see configs/train.yaml)"),
+])
+def test_unknown_key_gets_hydras_error_and_this_trainers_spelling(tmp_path, args, hint):
+    proc = run([TRAIN, *args], cwd=tmp_path)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert "is not in struct" in proc.stderr and lines[-1] == hint
+    assert not (tmp_path / "runs").exists()
+
+
 def test_unknown_group_option_lists_choices(tmp_path):
     proc = run([TRAIN, "attn=nonesuch"], cwd=tmp_path)
     assert proc.returncode == 1
