@@ -4,11 +4,11 @@
 # the others. Logs and run summaries go to OUTDIR (default gpu_check/).
 #
 #   bash scripts/gpu_check.sh                        # every stage
-#   bash scripts/gpu_check.sh OUTDIR tests bench     # chosen stages: tests headline resume sample fp16 nano bench gpt2 compile
+#   bash scripts/gpu_check.sh OUTDIR tests bench     # chosen stages: tests headline resume sample fp16 nano bench gpt2 compile profile
 set -u
 out=${1:-gpu_check}
 shift || true
-stages=${*:-tests headline resume sample fp16 nano bench gpt2 compile}
+stages=${*:-tests headline resume sample fp16 nano bench gpt2 compile profile}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: the stages run from the repository root
 export PYTHONUNBUFFERED=1
@@ -99,4 +99,11 @@ if has compile; then
         max_iters=100 warmup_iters=10 eval_interval=100 eval_iters=5 sample_tokens=0 log_interval=20 compile=true \
         hydra.run.dir="$runs/gpt2-flash-compiled"
     summary "$runs/gpt2-flash-compiled"
+fi
+
+if has profile; then  # profile=true on CUDA: the trace, top_ops.txt and a memory snapshot
+    stage profile 120 python scripts/train.py attn=flash precision=bf16 max_iters=20 eval_interval=0 sample_tokens=0 \
+        profile=true hydra.run.dir="$runs/profile"
+    ls -la "$runs/profile/profile" 2>&1 | head -20
+    head -15 "$runs/profile/profile/top_ops.txt" 2>&1
 fi
