@@ -14,6 +14,11 @@ never hold the normalized probability matrix that dropout would act on. Dropping
 implementations and not others would make an attention ablation compare two regularizers.
 ``dropout`` applies to the embeddings, the attention output projection and the MLP, for every
 attention alike.
+
+Positions: learned absolute embeddings (``pos="learned"``, GPT-2's ``wpe``) or rotary embeddings
+(``pos="rope"``, Su et al. 2021: q and k rotated by position-dependent angles before the attention
+call, so their dot products depend only on relative offsets). The attention implementations see
+the same (B, H, T, D) tensors either way.
 """
 from __future__ import annotations
 
@@ -33,9 +38,9 @@ AttnFn = Callable[..., torch.Tensor]
 class KVCache:
     """Keys and values of the tokens already seen, per layer, in buffers of ``block_size`` positions.
 
-    ``length`` tokens are cached, the first of them at index ``start`` of the whole sequence and at
-    position 0; :meth:`GPT.forward` with a cache runs the next tokens at positions ``length,
-    length + 1, ...`` and appends their keys and values.
+    ``length`` tokens are cached, the first of them at index ``start`` of the whole sequence;
+    :meth:`GPT.forward` with a cache runs the next tokens after them and appends their keys and
+    values. Positions count from the first cached token (0).
     """
 
     def __init__(self, n_layer: int, max_len: int, start: int = 0):
@@ -65,6 +70,24 @@ def window_start(length: int, block_size: int, stride: int = 1) -> int:
     return 0 if over <= 0 else -(-over // stride) * stride
 
 
+def rope_angles(positions: torch.Tensor, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, (T, head_dim / 2) float32, of the rotary angles ``position * base**(-2i / head_dim)``.
+
+    The angles are formed in float64: positions past a few thousand would otherwise lose the
+    low bits that make rotations of nearby positions differ by exactly their offset."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) ``x``: each pair (x[..., i], x[..., i + D/2]) by angle[t, i] (the
+    half-split pairing of GPT-NeoX and Llama; the math is that of interleaved pairs)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
 @dataclass
 class GPTConfig:
     """Model shape. ``block_size`` is the longest context the position table covers."""
@@ -77,6 +100,8 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     gelu: str = "tanh"  # "tanh": GPT-2's approximation; "exact": the erf form (nanoGPT's nn.GELU)
+    pos: str = "learned"  # "learned": GPT-2's position table; "rope": rotary q/k, no table
+    rope_base: float = 10000.0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -92,6 +117,13 @@ class GPTConfig:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.gelu not in ("tanh", "exact"):
             raise ValueError(f"model.gelu must be 'tanh' (GPT-2's approximation) or 'exact' (erf), got {self.gelu!r}")
+        if self.pos not in ("learned", "rope"):
+            raise ValueError(f"model.pos must be 'learned' (GPT-2's position table) or 'rope' (rotary), got {self.pos!r}")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"model.pos=rope rotates pairs of dimensions: the head dim "
+                             f"n_embd / n_head = {self.n_embd // self.n_head} must be even")
+        if not (isinstance(self.rope_base, (int, float)) and self.rope_base > 1):
+            raise ValueError(f"model.rope_base must be a number > 1, got {self.rope_base!r}")
 
 
 class CausalSelfAttention(nn.Module):
@@ -105,11 +137,13 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.attn_fn = attn_fn
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope=None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, H, T, D)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if rope is not None:  # (cos, sin) of these tokens' positions: keys are cached rotated
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:  # keys and values of the earlier tokens too: (B, H, T_cached + T, D)
             k, v = cache.append(layer, k, v)
         y = self.attn_fn(q, k, v, causal=True)  # (B, H, T, D); end-aligned mask when T < T_keys
@@ -139,13 +173,13 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, rope)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
-    """GPT-2: token + position embeddings, ``n_layer`` blocks, final LayerNorm, tied LM head."""
+    """GPT-2: token (+ position) embeddings, ``n_layer`` blocks, final LayerNorm, tied LM head."""
 
     def __init__(self, config: GPTConfig, attn_fn: AttnFn | None = None):
         super().__init__()
@@ -154,12 +188,13 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config, attn_fn) for _ in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
             )
         )
+        if config.pos == "learned":
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf, 2017)
         self.apply(self._init_weights)
@@ -181,7 +216,9 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; position embeddings excluded by default, as in GPT-2's reporting."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
@@ -205,10 +242,15 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence length {start + T} exceeds the model's context block_size={self.config.block_size}"
             )
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x, rope = self.transformer.wte(idx), None  # (B, T, C)
+        if self.config.pos == "learned":  # positions count from the cache's first token
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+        else:  # rotary: the same positions (only their offsets matter to the scores)
+            pos = torch.arange(start, start + T, device=idx.device)
+            rope = rope_angles(pos, self.config.n_embd // self.config.n_head, self.config.rope_base)
+        x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer)
+            x = block(x, cache, layer, rope)
         if cache is not None:
             cache.length = start + T
         return self.transformer.ln_f(x)
@@ -224,8 +266,11 @@ class GPT(nn.Module):
         absolute embeddings, so when the start moves every cached position changes: the cache is
         rebuilt from the new window. With stride 1 (the exact sliding window) that happens at
         every token past ``block_size`` and costs what uncached decoding costs; with a stride of
-        ``block_size // 2``, once per that many tokens. Cached and uncached decoding see the same
-        windows, so they give the same tokens for any stride.
+        ``block_size // 2``, once per that many tokens. This holds for rotary positions too: their
+        first-layer keys would survive a move, but every later layer's keys were computed from
+        hidden states that saw the tokens the window just dropped (keeping them instead is the
+        approximation of a rolling cache, not the sliding window). Cached and uncached decoding
+        see the same windows, so they give the same tokens for any stride.
         """
         start = window_start(idx.shape[1], self.config.block_size, window_stride)
         if not use_cache:

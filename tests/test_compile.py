@@ -30,10 +30,10 @@ def run(tmp_path, overrides, name):
     return trainer
 
 
-@pytest.mark.parametrize("attn", [name for name in ATTENTION if name != "flash"])
-def test_whole_model_traces_as_one_graph_with_equal_gradients(attn):
+@pytest.mark.parametrize("attn, pos", [(name, "learned") for name in ATTENTION if name != "flash"] + [("sdpa", "rope")])
+def test_whole_model_traces_as_one_graph_with_equal_gradients(attn, pos):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_embd=32), ATTENTION[attn])
+    model = GPT(GPTConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_embd=32, pos=pos), ATTENTION[attn])
     idx = torch.randint(0, 40, (3, 32))
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # a graph break raises

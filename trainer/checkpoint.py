@@ -139,9 +139,11 @@ def restore_scaler(scaler: torch.amp.GradScaler, saved: dict, precision: str) ->
 
 def check_compatible(ckpt_model_args: dict, model_args: dict, source: str) -> None:
     """Raise CheckpointError naming every shape field that differs between checkpoint and config."""
-    keys = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
-    diffs = [f"{k}: checkpoint {ckpt_model_args.get(k)!r} vs config {model_args.get(k)!r}"
-             for k in keys if ckpt_model_args.get(k) != model_args.get(k)]
+    keys = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos")
+    older = {"pos": "learned"}  # checkpoints from before a field existed had its default
+    saved = {k: ckpt_model_args.get(k, older.get(k)) for k in keys}
+    diffs = [f"{k}: checkpoint {saved[k]!r} vs config {model_args.get(k, older.get(k))!r}"
+             for k in keys if saved[k] != model_args.get(k, older.get(k))]
     if diffs:
         raise CheckpointError(
             f"checkpoint {source} was trained with a different model shape ({'; '.join(diffs)}); "
