@@ -396,6 +396,7 @@ class Trainer:
                               micro_batch=int(cfg.batch_size), tokens_per_step=self.tokens_per_step,
                               world_size=self.dist.world_size, peak_tflops=cfg.get("peak_tflops"))
         self.log.message(meter.describe())
+        self.meter = meter
         speed = Throughput(self.device, meter)
         profiler = StepProfiler(self.run_dir / "profile", self.device) if cfg.get("profile") and self.dist.is_main else None
         if self.last_eval and self.last_eval["step"] == self.step:
@@ -435,6 +436,10 @@ class Trainer:
         self.log.scalars(it, scalars)
         self.log.progress(it, metrics["loss"], metrics["lr"], rates["tokens_per_sec"], rates["step_ms"],
                           mfu=rates["mfu"], tflops=rates["tflops"])
+        meter = getattr(self, "meter", None)
+        if meter is not None and meter.note:  # the peak was re-measured or found wrong: said once
+            self.log.message(meter.note)
+            meter.note = None
 
     def _interrupted(self, timer: Timer, speed: Throughput) -> dict:
         self.save()
