@@ -81,7 +81,8 @@ def rope_angles(positions: torch.Tensor, head_dim: int, base: float = 10000.0) -
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, D) ``x``: each pair (x[..., i], x[..., i + D/2]) by angle[t, i] (the
+    """Rotate ``x`` (..., D): each pair (x[..., i], x[..., i + D/2]) by the angle whose cos and sin
+    are given, (T, D/2) for (B, H, T, D) inputs or broadcast to match another layout (the
     half-split pairing of GPT-NeoX and Llama; the math is that of interleaved pairs)."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
@@ -139,11 +140,15 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope=None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, H, T, D)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if rope is not None:  # (cos, sin) of these tokens' positions: keys are cached rotated
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
+        if rope is not None:  # (cos, sin) of these tokens' positions, (T, D/2): q and k rotated at once
+            cos, sin = (t[:, None, None, :] for t in rope)  # broadcast over the q/k and head axes
+            q, k = apply_rope(qkv[:, :, :2], cos, sin).unbind(2)
+            v = qkv[:, :, 2]
+        else:
+            q, k, v = qkv.unbind(2)
+        # (B, T, H, D) -> (B, H, T, D); keys are cached rotated
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if cache is not None:  # keys and values of the earlier tokens too: (B, H, T_cached + T, D)
             k, v = cache.append(layer, k, v)
         y = self.attn_fn(q, k, v, causal=True)  # (B, H, T, D); end-aligned mask when T < T_keys
@@ -194,6 +199,10 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         )
         self.transformer = nn.ModuleDict(modules)
+        if config.pos == "rope":  # cos and sin of every position's angles, (block_size, head_dim / 2)
+            cos, sin = rope_angles(torch.arange(config.block_size), config.n_embd // config.n_head, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)  # rebuilt from the config, never saved
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf, 2017)
         self.apply(self._init_weights)
@@ -245,8 +254,7 @@ class GPT(nn.Module):
         if self.config.pos == "learned":  # positions count from the cache's first token
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
         else:  # rotary: the same positions (only their offsets matter to the scores)
-            pos = torch.arange(start, start + T, device=idx.device)
-            rope = rope_angles(pos, self.config.n_embd // self.config.n_head, self.config.rope_base)
+            rope = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, cache, layer, rope)
