@@ -158,7 +158,7 @@ def test_markdown_table(grid, capsys):
     assert load_script().main([str(root)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == ("| run | attn | optim | seeds | final val loss | best val loss | steps | tokens/s "
-                        "| peak mem (MB) | wall time (s) | status |")  # no bpb or MFU logged: no columns
+                        "| peak mem (MiB) | wall time (s) | status |")  # no bpb or MFU logged: no columns
     assert len(lines) == 2 + 4
     assert "| attn=naive,optim=adamw,seed=* | naive | adamw | 0,1 |" in lines[3]
     # final (2.3, 2.1) and best (2.2, 2.0): mean ± sample std
@@ -430,7 +430,7 @@ def test_best_by_table_csv_json_and_lr_plot(lr_sweep, tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == ("| run | optim | optim.lr | seeds | n | lr | final val loss | best val loss "
                       "| p vs optim=adamw | reached 1.96 | steps to 1.96 | tokens to 1.96 | time to 1.96 (s) "
-                      "| steps | tokens/s | peak mem (MB) | wall time (s) | status |")
+                      "| steps | tokens/s | peak mem (MiB) | wall time (s) | status |")
     lion, adamw, sgd = out[2:5]
     assert lion.startswith("| optim=lion,optim.lr=0.0001,seed=* | lion | 0.0001 | 0,1,2 | 3 | 0.0001 "
                            "| 1.8000 ± 0.0100 |")

@@ -107,7 +107,7 @@ class Run:
             "best_val_bpb": self._pick("best_val_bpb", "val/bpb", _best, True),
             "tokens_per_sec": self._pick("tokens_per_sec", "tokens_per_sec", np.mean, False),
             "mfu": self._pick("mfu", "mfu", np.mean, False),
-            "peak_mem_mb": None if peak is None else peak / 2**20,
+            "peak_mem_mb": None if peak is None else peak / 2**20,  # MiB (the key keeps its old name)
             "wall_time_s": elapsed if wall is None else wall,
         }
 

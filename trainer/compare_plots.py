@@ -66,7 +66,7 @@ def _resource_plot(plt: Any, groups: Sequence[Group], keys: Sequence[str], file:
     labels = [_plot_label(g, keys) for g in groups]
     fig, axes = plt.subplots(1, 2, figsize=(12, 1.5 + 0.5 * len(groups)), sharey=True)
     for ax, metric, title in ((axes[0], "tokens_per_sec", "tokens/s"),
-                              (axes[1], "peak_mem_mb", "peak memory (MB)")):
+                              (axes[1], "peak_mem_mb", "peak memory (MiB)")):
         stats = [mean_std(g.numbers(metric)) for g in groups]
         means, errs = [m for m, _ in stats], [s or 0.0 for _, s in stats]
         ax.barh(labels, [m or 0.0 for m in means], xerr=errs, color="tab:blue", alpha=0.8)

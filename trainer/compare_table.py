@@ -21,7 +21,7 @@ METRICS = [
     ("reached {target}", "target_reached", 0),
     ("steps to {target}", "steps_to_target", 0), ("tokens to {target}", "tokens_to_target", 0),
     ("time to {target} (s)", "time_to_target_s", 1), ("steps", "steps", 0),
-    ("tokens/s", "tokens_per_sec", 0), ("MFU (%)", "mfu", 1), ("peak mem (MB)", "peak_mem_mb", 1),
+    ("tokens/s", "tokens_per_sec", 0), ("MFU (%)", "mfu", 1), ("peak mem (MiB)", "peak_mem_mb", 1),
     ("wall time (s)", "wall_time_s", 1),
 ]
 ALWAYS = ("final_val_loss", "best_val_loss", "steps", "tokens_per_sec", "peak_mem_mb", "wall_time_s")
