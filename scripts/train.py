@@ -164,8 +164,8 @@ def _unknown_key_hint(argv: list[str]) -> str | None:
     (nanoGPT's names first, else the closest key), or None when every key is known."""
     import difflib
 
-    known = set(OmegaConf.load(Path(__file__).resolve().parent.parent / "configs" / "train.yaml"))
-    known |= {"model", "attn", "optim", "schedule", "data", "precision", "hydra", "experiment"}
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    known = set(OmegaConf.load(configs / "train.yaml")) | {p.name for p in configs.iterdir() if p.is_dir()} | {"hydra"}
     hints = []
     for arg in argv:
         if arg.startswith(("-", "+", "~")) or "=" not in arg:

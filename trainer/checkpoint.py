@@ -141,9 +141,8 @@ def check_compatible(ckpt_model_args: dict, model_args: dict, source: str) -> No
     """Raise CheckpointError naming every shape field that differs between checkpoint and config."""
     keys = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos")
     older = {"pos": "learned"}  # checkpoints from before a field existed had its default
-    saved = {k: ckpt_model_args.get(k, older.get(k)) for k in keys}
-    diffs = [f"{k}: checkpoint {saved[k]!r} vs config {model_args.get(k, older.get(k))!r}"
-             for k in keys if saved[k] != model_args.get(k, older.get(k))]
+    saved, now = ({k: args.get(k, older.get(k)) for k in keys} for args in (ckpt_model_args, model_args))
+    diffs = [f"{k}: checkpoint {saved[k]!r} vs config {now[k]!r}" for k in keys if saved[k] != now[k]]
     if diffs:
         raise CheckpointError(
             f"checkpoint {source} was trained with a different model shape ({'; '.join(diffs)}); "

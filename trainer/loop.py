@@ -81,6 +81,7 @@ class Trainer:
         self.scaler = self.precision.make_scaler(self.device)
         self._skipped_on_device = None  # fp16: steps the scaler skipped since the last read (a device tensor)
         self._first_bad = None  # (loss, grad norm): the first step each was non-finite (a device tensor)
+        self.meter = None  # fit()'s MFU meter: _log_step relays what it has to say about its peak
         self.step, self.best_val_loss, self.skipped_steps = 0, math.inf, 0
         self.best_val_bpb = math.inf
         self.last_eval: dict | None = None  # the latest eval's losses, saved with the checkpoint
@@ -436,10 +437,9 @@ class Trainer:
         self.log.scalars(it, scalars)
         self.log.progress(it, metrics["loss"], metrics["lr"], rates["tokens_per_sec"], rates["step_ms"],
                           mfu=rates["mfu"], tflops=rates["tflops"])
-        meter = getattr(self, "meter", None)
-        if meter is not None and meter.note:  # the peak was re-measured or found wrong: said once
-            self.log.message(meter.note)
-            meter.note = None
+        if self.meter is not None and self.meter.note:  # the peak was re-measured or found wrong: said once
+            self.log.message(self.meter.note)
+            self.meter.note = None
 
     def _interrupted(self, timer: Timer, speed: Throughput) -> dict:
         self.save()

@@ -31,6 +31,8 @@ from typing import Callable
 
 import torch
 
+from trainer.precision import Precision
+
 # Dense (no sparsity) peak TFLOP/s from NVIDIA's datasheets, per precision of the matmul inputs.
 # fp16 and bf16 use fp32 accumulation (what PyTorch asks for), which matters on GeForce cards.
 # Matched as whole words against torch.cuda.get_device_name(), in order: specific names come first.
@@ -209,8 +211,7 @@ def peak_flops_for(device: torch.device, precision: str, *, tokens: int, n_embd:
             return None, f"{name} at {mp} is not in trainer/mfu.py's table; set peak_tflops=<dense TFLOP/s> for MFU"
         return peak, f"{name}, {mp} dense datasheet peak"
     if device.type == "cpu":
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        peak = cpu_peak_flops(tokens, n_embd, vocab_size, dtype, cache_dir)
+        peak = cpu_peak_flops(tokens, n_embd, vocab_size, Precision(precision).dtype, cache_dir)
         return peak, f"measured {precision} matmul at the model's shapes, {torch.get_num_threads()} threads"
     return None, f"no peak known for device type {device.type}; set peak_tflops=<dense TFLOP/s> for MFU"
 
@@ -301,6 +302,6 @@ def meter_for_run(model: torch.nn.Module, device: torch.device, precision: str, 
     peak, source = peak_flops_for(device, precision, **shape, cache_dir=cache_dir, peak_tflops=peak_tflops)
     remeasure = None
     if device.type == "cpu" and not peak_tflops:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        remeasure = functools.partial(cpu_peak_flops, **shape, dtype=dtype, cache_dir=cache_dir, remeasure=True)
+        remeasure = functools.partial(cpu_peak_flops, **shape, dtype=Precision(precision).dtype, cache_dir=cache_dir,
+                                      remeasure=True)
     return MFUMeter(model_flops_per_token(model, seq_len), tokens_per_step, world_size, peak, source, remeasure)
