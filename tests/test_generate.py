@@ -13,10 +13,17 @@ def make(attn="naive", **kw):
     return GPT(GPTConfig(**{**SMALL, **kw}), ATTENTION[attn]).eval()
 
 
-def reference_greedy(model, idx, n):
-    """Greedy decoding written out: full forward over the last block_size tokens, argmax, repeat."""
+def reference_greedy(model, idx, n, stride=1):
+    """Greedy decoding written out: full forward over the window, argmax, repeat. The window is the
+    whole sequence until it holds block_size tokens, then moves ``stride`` tokens at a time
+    (stride 1: the last block_size tokens), worked out by counting, independently of
+    models.window_start."""
+    block = model.config.block_size
+    start = 0
     for _ in range(n):
-        logits, _ = model(idx[:, -model.config.block_size:])
+        while idx.shape[1] - start > block:
+            start += stride
+        logits, _ = model(idx[:, start:])
         idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
     return idx
 
@@ -53,7 +60,7 @@ def test_flash_greedy_with_cache_under_the_interpreter():
     assert torch.equal(model.generate(idx, 7, temperature=0), reference_greedy(model, idx, 7))
     # past the window, moving 4 tokens at a time (the cache refilled at lengths 9 and 13)
     assert torch.equal(model.generate(idx, 12, temperature=0, window_stride=4),
-                       reference_greedy_windowed(model, idx, 12, 4))
+                       reference_greedy(model, idx, 12, 4))
 
 
 def test_prompt_longer_than_the_context_is_cropped():
@@ -110,20 +117,6 @@ def test_bad_temperature_is_refused(temperature):
         make().generate(torch.zeros(1, 1, dtype=torch.long), 3, temperature=temperature)
 
 
-def reference_greedy_windowed(model, idx, n, stride):
-    """Greedy decoding written out for a window that, once full, moves ``stride`` tokens at a time:
-    each token sees the tokens from the last multiple of ``stride`` that keeps it within
-    block_size (worked out here by counting, independently of models.window_start)."""
-    block = model.config.block_size
-    start = 0
-    for _ in range(n):
-        while idx.shape[1] - start > block:
-            start += stride
-        logits, _ = model(idx[:, start:])
-        idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
-    return idx
-
-
 def test_window_start_closed_form():
     # block 16: the window covers the whole sequence up to 16 tokens, then moves
     assert [window_start(n, 16, 1) for n in (1, 16, 17, 40)] == [0, 0, 1, 24]
@@ -145,7 +138,7 @@ def test_window_stride_with_cache_equals_without_and_the_written_out_rule(attn, 
     cached = model.generate(idx, n, temperature=0, window_stride=stride)
     uncached = model.generate(idx, n, temperature=0, use_cache=False, window_stride=stride)
     assert torch.equal(cached, uncached)
-    assert torch.equal(cached, reference_greedy_windowed(model, idx, n, stride))
+    assert torch.equal(cached, reference_greedy(model, idx, n, stride))
 
 
 def test_window_stride_rebuilds_the_cache_only_when_the_window_moves(monkeypatch):

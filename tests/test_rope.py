@@ -6,16 +6,16 @@ import math
 import pytest
 import torch
 
+import test_generate
 from kernels import ATTENTION
-from models import GPT, GPTConfig, KVCache, window_start
+from models import GPTConfig, KVCache, window_start
 from models.gpt import apply_rope, rope_angles
 
-SMALL = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, pos="rope")  # head dim 16
+SMALL = {**test_generate.SMALL, "pos": "rope"}  # head dim 16
 
 
 def make(attn="naive", **kw):
-    torch.manual_seed(0)
-    return GPT(GPTConfig(**{**SMALL, **kw}), ATTENTION[attn]).eval()
+    return test_generate.make(attn, **{"pos": "rope", **kw})
 
 
 def rotate_reference(x: torch.Tensor, positions, base: float) -> torch.Tensor:
