@@ -244,6 +244,26 @@ def test_custom_op_passes_torch_library_opcheck():
     torch.library.opcheck(flash_attn_fwd, (q, k, v, True, 0.25))
 
 
+def test_eager_path_equals_the_registered_op_bitwise():
+    # eager calls skip the custom op's dispatch (host overhead) but must run the same kernels:
+    # same output and gradients, bit for bit, with grad, and without grad
+    from kernels.flash import flash_attn_fwd
+
+    q, k, v, do = _inputs((2, 2, 50, 32), (2, 2, 70, 32), torch.float32)
+    results = []
+    for use_op in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = flash_attn_fwd(*leaves, True, 0.2)[0] if use_op else flash_attention(*leaves, causal=True, scale=0.2)
+        out.backward(do)
+        results.append([out.detach()] + [t.grad for t in leaves])
+        if not use_op:
+            assert type(out.grad_fn).__name__ == "_FlashFunctionBackward"
+    for eager, op in zip(*results):
+        assert torch.equal(eager, op)
+    with torch.no_grad():
+        assert torch.equal(flash_attention(q, k, v, causal=True, scale=0.2), results[0][0])
+
+
 def test_fake_tensors_trace_without_running_the_kernel():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
