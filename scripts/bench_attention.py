@@ -11,8 +11,10 @@ slower than it is, while a few big ops (naive) barely notice.
 
 Times are medians over ``--repeats`` runs, taken in this process with the implementations
 interleaved run by run. ``--tflops`` times each point with ``triton.testing.do_bench`` (CUDA
-events, median over ~100 ms of repetitions after warm-up), so launch overhead at short T is
-amortized as in training. Memory is measured for every (implementation, T) point in a fresh
+events, median over ~100 ms of repetitions after warm-up): back-to-back calls, so where the host
+takes longer to launch a call than the GPU takes to run it (short T), that column times the
+launching. Its "kernels" columns time the same fwd+bwd with the host taken out: the stream is
+held by a GPU spin while the calls queue behind it, as in training, where the CPU runs ahead. Memory is measured for every (implementation, T) point in a fresh
 subprocess so that its peak figure is its own, with trainer/runlog.py's peak-memory helpers: on
 CUDA ``torch.cuda.max_memory_allocated`` during one forward+backward, above what was allocated
 before it; on CPU the process's peak RSS (VmHWM, reset through /proc/self/clear_refs) during one
@@ -271,9 +273,11 @@ def run_tflops(args: argparse.Namespace) -> None:
     seq_lens = args.seq_lens or [512, 1024, 2048, 4096, 8192, 16384]
     impls = ["flash", "sdpa-flash", "online"]
     dtype = DTYPES[args.dtype]
-    print(f"\nTFLOP/s, {args.dtype}, causal={args.causal}, B={B}; fwd+bwd counts bwd as 2.5x fwd FLOPs\n")
-    print("| H | D | T | " + " | ".join(f"{i} fwd | {i} fwd+bwd" for i in impls) + " |")
-    print("|---:|---:|---:|" + "---:|---:|" * len(impls))
+    print(f"\nTFLOP/s, {args.dtype}, causal={args.causal}, B={B}; fwd+bwd counts bwd as 2.5x fwd FLOPs; "
+          f"'kernels': fwd+bwd with the host's launch time taken out\n")
+    heads = [f"{i} fwd | {i} fwd+bwd" + (f" | {i} kernels" if i in HELD else "") for i in impls]
+    print("| H | D | T | " + " | ".join(heads) + " |")
+    print("|---:|---:|---:|" + "|".join("---:|---:" + ("|---:" if i in HELD else "") for i in impls) + "|")
     for H, D in ((16, 64), (8, 128)):
         for T in seq_lens:
             cells = [tflops_cell(impl, B, H, T, D, dtype, args) for impl in impls]
@@ -299,16 +303,55 @@ def tflops_cell(impl: str, B: int, H: int, T: int, D: int, dtype: torch.dtype, a
     def fwd_bwd():
         fn(q, k, v, causal=args.causal).backward(do)
 
+    held = impl in HELD
     try:
         # do_bench warms up (flash tunes here), then takes the median of CUDA-event timings
         f_ms = do_bench(fwd, warmup=25, rep=100, return_mode="median")
         fb_ms = do_bench(fwd_bwd, warmup=25, rep=100, grad_to_none=[q, k, v], return_mode="median")
+        k_ms = held_ms(fwd_bwd, [q, k, v])[1] if held else None
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
-        return "OOM | OOM"
+        return "OOM | OOM" + (" | OOM" if held else "")
     except RuntimeError as e:  # e.g. a backend that refuses this shape or dtype
-        return f"n/a ({str(e).splitlines()[0][:40]}) | n/a"
-    return f"{flops / f_ms / 1e9:.1f} | {3.5 * flops / fb_ms / 1e9:.1f}"
+        return f"n/a ({str(e).splitlines()[0][:40]}) | n/a" + (" | n/a" if held else "")
+    cells = [f"{flops / f_ms / 1e9:.1f}", f"{3.5 * flops / fb_ms / 1e9:.1f}"]
+    if held:
+        cells.append("n/a (host too slow)" if k_ms is None else f"{3.5 * flops / k_ms / 1e9:.1f}")
+    return " | ".join(cells)
+
+
+HELD = ("flash", "sdpa-flash")  # impls that get a "kernels" column (online's host time is its point)
+
+
+def held_ms(step, leaves: list, max_calls: int = 20) -> tuple[float, float | None]:
+    """(host ms, GPU ms) per call of ``step``: the host's time to launch a call, and the GPU's to
+    run it with the host's time taken out (None if that could not be measured).
+
+    The stream is held by a GPU spin (``torch.cuda._sleep``, ~0.5 s at 2 GHz) while at most
+    ~50 ms worth of calls queue behind it, so the host never waits; events recorded after the
+    spin then time the queued kernels alone. If queueing took longer than half the spin, the GPU
+    may have waited on the host, so no GPU time is reported rather than a wrong one."""
+    def one():
+        for t in leaves:
+            t.grad = None
+        step()
+
+    one()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    one()
+    torch.cuda.synchronize()
+    calls = max(3, min(max_calls, int(0.05 / (time.perf_counter() - t0))))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1_000_000_000)
+    start.record()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        one()
+    queued_s = time.perf_counter() - t0
+    end.record()
+    end.synchronize()
+    return queued_s / calls * 1e3, (start.elapsed_time(end) / calls if queued_s < 0.25 else None)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -82,6 +82,7 @@ if has nano; then  # nano recipe, 500 steps: flash vs sdpa in fp32 and bf16
 fi
 
 if has bench; then
+    stage bench-launch 90 python scripts/bench_launch.py  # host vs GPU time per call at short T
     stage bench-tflops 240 env TRITON_PRINT_AUTOTUNING=1 python scripts/bench_attention.py --tflops  # + each tuning
 fi
 
