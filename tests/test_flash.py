@@ -264,6 +264,15 @@ def test_eager_path_equals_the_registered_op_bitwise():
         assert torch.equal(flash_attention(q, k, v, causal=True, scale=0.2), results[0][0])
 
 
+def test_double_backward_raises_instead_of_a_silent_zero():
+    # the kernels give first derivatives only; a gradient penalty through flash must fail loudly
+    q, k, v, _ = _inputs((1, 2, 20, 16), (1, 2, 20, 16), torch.float32)
+    q.requires_grad_()
+    (g,) = torch.autograd.grad(flash_attention(q, k, v).square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.sum().backward()
+
+
 def test_fake_tensors_trace_without_running_the_kernel():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
