@@ -12,12 +12,12 @@ slower than it is, while a few big ops (naive) barely notice.
 Times are medians over ``--repeats`` runs, taken in this process with the implementations
 interleaved run by run. ``--tflops`` times each point with ``triton.testing.do_bench`` (CUDA
 events, median over ~100 ms of repetitions after warm-up): back-to-back calls, so where the host
-takes longer to launch a call than the GPU takes to run it (short T), that column times the
+takes longer to launch a call than the GPU takes to run it (short T), those columns time the
 launching. Its "kernels" columns time the same fwd+bwd with the host taken out: the stream is
-held by a GPU spin while the calls queue behind it, as in training, where the CPU runs ahead. Memory is measured for every (implementation, T) point in a fresh
-subprocess so that its peak figure is its own, with trainer/runlog.py's peak-memory helpers: on
-CUDA ``torch.cuda.max_memory_allocated`` during one forward+backward, above what was allocated
-before it; on CPU the process's peak RSS (VmHWM, reset through /proc/self/clear_refs) during one
+held by a GPU spin while the calls queue behind it, as in training, where the CPU runs ahead.
+Memory is measured for every (implementation, T) point in a fresh subprocess so that its peak
+figure is its own, with trainer/runlog.py's peak-memory helpers: on CUDA
+``torch.cuda.max_memory_allocated`` during one forward+backward, above what was allocated before it; on CPU the process's peak RSS (VmHWM, reset through /proc/self/clear_refs) during one
 forward+backward, minus its RSS just before. Each point first runs one forward+backward at the
 measured shapes (outside the window), so one-time work such as library start-up and flash's
 autotuning at that shape is not counted. Both include the output and the input gradients.
