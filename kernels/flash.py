@@ -260,12 +260,16 @@ def _(do, q, k, v, o, lse, causal, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _save(ctx, inputs: tuple, o: torch.Tensor, lse: torch.Tensor) -> None:
+    """What both autograd paths keep for the backward: the inputs, the output and its LSE."""
     q, k, v, causal, scale = inputs
-    o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)
     ctx.causal, ctx.scale = causal, scale
-    ctx.mark_non_differentiable(lse)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _save(ctx, inputs, *output)
+    ctx.mark_non_differentiable(output[1])  # lse
 
 
 def _backward_rule(ctx, do, _dlse):
@@ -291,8 +295,7 @@ class _FlashFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal: bool, scale: float):
         o, lse = _forward(q, k, v, causal, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.scale = causal, scale
+        _save(ctx, (q, k, v, causal, scale), o, lse)
         return o
 
     @staticmethod
