@@ -1,21 +1,88 @@
 """Attention implementations sharing one interface: ``fn(q, k, v, causal=True, scale=None) -> out``.
 
-Tensors are ``(B, H, T, D)``; with ``causal=True`` the mask is aligned to the end of the keys, so a
-query block after a KV cache sees the whole cache. ``ATTENTION`` maps each implementation's name
-(the same as its ``configs/attn/<name>.yaml``) to its function: CLIs, benchmarks and tests take
-their option lists from it. Importing this package never imports Triton: the flash kernel's
-Triton code is loaded on its first call.
+Tensors are ``(B, H, T, D)``; keys and values may be longer than queries (a KV cache), and with
+``causal=True`` the mask is aligned to the end of the keys: query ``i`` of ``Tq`` sees keys
+``j <= i + (Tk - Tq)``. This module holds what every implementation shares (input checks, the
+mask, the default scale, the errors they raise); each implementation is one file
+(``naive.py``, ``online.py``, ``sdpa.py``, ``flash.py``), named by a ``configs/attn/<name>.yaml``.
+Implementations are imported on first use, so importing this package never imports Triton.
 """
-from kernels.flash import flash_attention
-from kernels.naive import naive_attention
-from kernels.online import online_attention, online_softmax
-from kernels.sdpa import sdpa_attention
+from __future__ import annotations
 
-ATTENTION = {
-    "naive": naive_attention,
-    "online": online_attention,
-    "sdpa": sdpa_attention,
-    "flash": flash_attention,
+import importlib
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+# name -> (module, function): the built-in implementations, imported when first asked for
+_BUILT_IN = {
+    "naive": ("kernels.naive", "naive_attention"),
+    "online": ("kernels.online", "online_attention"),
+    "sdpa": ("kernels.sdpa", "sdpa_attention"),
+    "flash": ("kernels.flash", "flash_attention"),
 }
+_LAZY = {fn: module for module, fn in _BUILT_IN.values()} | {"online_softmax": "kernels.online"}
 
-__all__ = ["ATTENTION", "naive_attention", "online_attention", "online_softmax", "flash_attention", "sdpa_attention"]
+
+class UnavailableError(RuntimeError):
+    """An implementation that cannot run here (the Triton kernel on a CPU without the interpreter,
+    a GPU too old); the message says what to use instead. Never answered by a silent fallback."""
+
+
+class UnsupportedError(ValueError):
+    """An input or option an implementation does not support (a head dim, a dtype); the message
+    names it and the remedy."""
+
+
+def __getattr__(name: str):
+    if name == "ATTENTION":  # name -> function, for the kernels' own tests and benchmarks
+        return {key: getattr(importlib.import_module(m), fn) for key, (m, fn) in _BUILT_IN.items()}
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str = "attention") -> None:
+    """Raise ValueError unless q, k, v are same-device, same-dtype (B, H, T, D) floating tensors,
+    k and v of one shape, and q agreeing with them on B, H and D (keys may outnumber queries)."""
+    for label, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: {label} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: {label} must have shape (B, H, T, D), got {t.dim()} dims {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name}: {label} has dtype {t.dtype}; use float32, float16, bfloat16 or float64")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"{name}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one dtype")
+    if q.device != k.device or q.device != v.device:
+        raise ValueError(f"{name}: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
+    if k.shape != v.shape:
+        raise ValueError(f"{name}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"{name}: q {tuple(q.shape)} and k {tuple(k.shape)} must agree on B, H and D")
+
+
+def causal_mask(tq: int, tk: int, device=None) -> torch.Tensor:
+    """(Tq, Tk) boolean mask, True where query i may attend key j: ``j <= i + (Tk - Tq)``.
+
+    End-aligned, as in FlashAttention: with a KV cache the new queries see every cached key. A
+    query row with no visible key (only when Tq > Tk) outputs zeros.
+    """
+    i = torch.arange(tq, device=device)[:, None]
+    return torch.arange(tk, device=device)[None, :] <= i + (tk - tq)
+
+
+def resolve_scale(scale: float | None, head_dim: int) -> float:
+    """Default softmax scale 1/sqrt(D), as in 'Attention is all you need'."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def tf32_enabled() -> bool:
+    """Whether fp32 matmuls may use TF32 (torch's setting, new or legacy API): flash's fp32 path
+    and the MFU peak both follow it."""
+    mode = torch.backends.cuda.matmul.fp32_precision
+    if mode == "none":
+        mode = torch.backends.fp32_precision
+    return mode == "tf32"

@@ -32,9 +32,8 @@ import sys
 
 import torch
 
+from kernels import UnavailableError, UnsupportedError, check_qkv, resolve_scale, tf32_enabled
 from kernels import flash_configs as fc
-from kernels._checks import check_qkv, resolve_scale
-from trainer.errors import ConfigError, UnavailableError
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -49,11 +48,11 @@ _NO_INTERPRETER = (
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
     """Input checks that need only shapes and dtypes (so torch.compile traces them)."""
-    check_qkv(q, k, v, causal, "flash_attention")
+    check_qkv(q, k, v, "flash_attention")
     if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"flash_attention: dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
+        raise UnsupportedError(f"flash_attention: dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        raise ConfigError(
+        raise UnsupportedError(
             f"flash_attention: head dim D={q.shape[-1]} is not supported; use one of {SUPPORTED_HEAD_DIMS} "
             "(choose n_embd / n_head accordingly) or another attention implementation"
         )
@@ -102,14 +101,6 @@ def _on_device(t: torch.Tensor):
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     # kernels assume unit stride along D (vectorized loads); B, H, T strides may be anything
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def tf32_enabled() -> bool:
-    """Whether fp32 matmuls may use TF32 (torch's setting, new or legacy API)."""
-    mode = torch.backends.cuda.matmul.fp32_precision
-    if mode == "none":
-        mode = torch.backends.fp32_precision
-    return mode == "tf32"
 
 
 def _constexprs(fk, q: torch.Tensor, causal: bool) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from typing import Callable, NamedTuple
 
-from trainer.errors import UnavailableError
+from kernels import UnavailableError
 
 
 class Config(NamedTuple):
@@ -39,7 +39,7 @@ MIN_CAPABILITY = (7, 5)  # older GPUs are not compiled for or tested: flash refu
 # Tier 1, tuned for A100/H100, keyed by the largest head dim each list serves. The forward and dQ
 # kernels keep a query block resident and stream keys; the dK/dV kernel keeps a key block (and two
 # fp32 accumulators) resident and streams queries, so it wants a small BLOCK_M. None spills
-# registers per ptxas (scripts/flash_aot.py --full --ptxas-info); the 4-warp D=128 variants of
+# registers per ptxas (scripts/bench/flash_aot.py --full --ptxas-info); the 4-warp D=128 variants of
 # the D<=64 lists spill 0.1-3.5 KB, hence the separate lists. (64, 32, 4, 3) is there for fp32
 # at D=128, whose 4-byte tiles leave it the only fwd/dq fit on an A100.
 FAST = {

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import torch
 
-from kernels._checks import causal_mask, check_qkv, resolve_scale
+from kernels import causal_mask, check_qkv, resolve_scale
 
 
 def naive_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v on (B, H, T, D) tensors, computed in the input dtype."""
-    check_qkv(q, k, v, causal, "naive_attention")
+    check_qkv(q, k, v, "naive_attention")
     scale = resolve_scale(scale, q.shape[-1])
     att = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
     if causal:  # end-aligned: query i sees keys j <= i + (Tk - Tq)

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import torch
 
-from kernels._checks import check_qkv, resolve_scale
+from kernels import check_qkv, resolve_scale
 
 __all__ = ["online_attention", "online_softmax", "DEFAULT_BLOCK_SIZE"]
 
@@ -232,7 +232,7 @@ def online_attention(
     With ``return_lse=True`` also returns the per-row log-sum-exp of the scaled, masked scores,
     shape (B, H, Tq), in float32; it is differentiable too.
     """
-    check_qkv(q, k, v, causal, "online_attention")
+    check_qkv(q, k, v, "online_attention")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"online_attention: block_size must be a positive int, got {block_size!r}")
     scale = resolve_scale(scale, q.shape[-1])

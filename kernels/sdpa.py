@@ -4,14 +4,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._checks import causal_mask, check_qkv
+from kernels import causal_mask, check_qkv
 
 
 def sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
 ) -> torch.Tensor:
     """torch.nn.functional.scaled_dot_product_attention with our interface."""
-    check_qkv(q, k, v, causal, "sdpa_attention")
+    check_qkv(q, k, v, "sdpa_attention")
     tq, tk = q.shape[-2], k.shape[-2]
     if causal and tq != tk:  # SDPA's is_causal aligns to the top-left; ours aligns to the end
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(tq, tk, q.device), scale=scale)

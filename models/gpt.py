@@ -30,8 +30,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import naive_attention
-
 AttnFn = Callable[..., torch.Tensor]
 
 
@@ -142,13 +140,13 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
         if rope is not None:  # (cos, sin) of these tokens' positions, (T, D/2): q and k rotated at once
-            cos, sin = (t[:, None, None, :] for t in rope)  # broadcast over the q/k and head axes
+            cos, sin = rope[0][:, None, None, :], rope[1][:, None, None, :]  # broadcast over the q/k and head axes
             q, k = apply_rope(qkv[:, :, :2], cos, sin).unbind(2)
             v = qkv[:, :, 2]
         else:
             q, k, v = qkv.unbind(2)
         # (B, T, H, D) -> (B, H, T, D); keys are cached rotated
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:  # keys and values of the earlier tokens too: (B, H, T_cached + T, D)
             k, v = cache.append(layer, k, v)
         y = self.attn_fn(q, k, v, causal=True)  # (B, H, T, D); end-aligned mask when T < T_keys
@@ -189,7 +187,8 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig, attn_fn: AttnFn | None = None):
         super().__init__()
         self.config = config
-        attn_fn = naive_attention if attn_fn is None else attn_fn
+        if attn_fn is None:  # the textbook implementation, imported only when no other is given
+            from kernels.naive import naive_attention as attn_fn
         modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
         if config.pos == "learned":  # registered second, as always: the init draws in this order
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
@@ -214,16 +213,15 @@ class GPT(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
+        """GPT-2's init: N(0, 0.02) weights, zero biases (``apply`` order: the random draws' order)."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; position embeddings excluded by default, as in GPT-2's reporting."""
-        n = sum(p.numel() for p in self.parameters())
+        n = sum([p.numel() for p in self.parameters()])
         if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n

@@ -16,10 +16,10 @@ import argparse
 import os
 import sys
 
-from trainer.compare import CompareError, group_runs, load_runs, table_keys
-from trainer.compare_best import report
-from trainer.compare_plots import write_plots
-from trainer.compare_table import to_csv, to_json, to_markdown
+from trainer.analysis.runs import CompareError, group_runs, load_runs, table_keys
+from trainer.analysis.report import report
+from trainer.analysis.plots import write_plots
+from trainer.analysis.table import to_csv, to_json, to_markdown
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

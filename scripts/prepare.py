@@ -51,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from trainer.data import open_token_dir, prepare_files, prepare_hf
+    from trainer.data import open_token_dir
+    from trainer.data.prepare import prepare_files, prepare_hf
 
     common = dict(tokenizer=args.tokenizer, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer_path,
                   text_field=args.text_field, bpe_sample_bytes=args.bpe_sample_bytes, shard_tokens=args.shard_tokens,

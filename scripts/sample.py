@@ -21,32 +21,41 @@ import time
 import torch
 from omegaconf import OmegaConf
 
-import kernels
+from kernels import UnavailableError
 from models import GPT, GPTConfig
-from trainer.checkpoint import load_checkpoint
-from trainer.config import build
-from trainer.distributed import resolve_device
-from trainer.errors import CheckpointError, ConfigError, UnavailableError, UserError
+from trainer.config import build, components, load_component
+from trainer.data.tokenizer import BPETokenizer, tokenizer_from_dict
+from trainer.errors import CheckpointError, ConfigError, user_errors
 from trainer.precision import Precision
-from trainer.tokenizer import tokenizer_from_dict
+from trainer.rundir import load_checkpoint
+from trainer.runtime import resolve_device
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = components("precision")
+NANOGPT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # nanoGPT's --dtype
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint file, or a run directory (uses its ckpt_last.pt)")
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--num-tokens", type=int, default=500, help="tokens to generate per sample")
-    p.add_argument("--num-samples", type=int, default=1)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="nanoGPT's spellings work too: --out_dir=RUN --start=TEXT (or --start=FILE:prompt.txt) "
+                                       "--num_samples --max_new_tokens --top_k --dtype=float32|bfloat16|float16")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint file, or a run directory (uses its ckpt_last.pt)")
+    p.add_argument("--out_dir", "--out-dir", dest="out_dir", help="the run directory (nanoGPT's name for it)")
+    p.add_argument("--prompt", "--start", default="\n",
+                   help="text to continue (default: a newline); FILE:path reads it from a file, as nanoGPT's --start does")
+    p.add_argument("--num-tokens", "--max_new_tokens", "--max-new-tokens", dest="num_tokens", type=int, default=500,
+                   help="tokens to generate per sample")
+    p.add_argument("--num-samples", "--num_samples", dest="num_samples", type=int, default=1)
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    p.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=200,
+                   help="sample among the k likeliest tokens (0: all)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--attn", default=None, choices=sorted(kernels.ATTENTION),
-                   help="attention to sample with (default: the run's own)")
+    p.add_argument("--attn", default=None, choices=components("attn"),
+                   help="attention to sample with, one of configs/attn/ (default: the run's own)")
     p.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="autocast precision (default: the run's own)")
+    p.add_argument("--dtype", choices=sorted(NANOGPT_DTYPES), help="nanoGPT's spelling of --precision")
+    p.add_argument("--tokenizer-path", help="a Hugging Face tokenizer.json (needed for runs trained on bare token shards)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
     p.add_argument("--window-stride", type=int, default=1,
                    help="past the model's context, move the context window this many tokens at a time: 1 slides "
@@ -61,6 +70,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    if (args.checkpoint is None) == (args.out_dir is None):
+        raise ConfigError("give the checkpoint or run directory once: as the argument, or as --out_dir")
+    args.checkpoint = args.checkpoint or args.out_dir
+    args.precision = args.precision or NANOGPT_DTYPES.get(args.dtype)
+    if args.prompt.startswith("FILE:"):
+        try:
+            with open(args.prompt[5:], encoding="utf-8") as f:
+                args.prompt = f.read()
+        except OSError as e:
+            raise ConfigError(f"--start={args.prompt}: cannot read {args.prompt[5:]} ({e.strerror or e})") from None
     if args.num_tokens < 1 or args.num_samples < 1:
         raise ConfigError("--num-tokens and --num-samples must be at least 1")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
@@ -70,10 +89,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def build_attention(name: str | None, config: dict):
-    """The run's own attention (its config entry), or the one named by --attn from the registry."""
-    if name is None:
-        return build(OmegaConf.create(config["attn"]))
-    return kernels.ATTENTION[name]
+    """The run's own attention (its config entry), or configs/attn/<--attn>.yaml."""
+    return build(OmegaConf.create(config["attn"]) if name is None else load_component("attn", name))
 
 
 def check_weights(model_state: dict, path: str) -> None:
@@ -93,7 +110,7 @@ def check_attention_runs(attn_fn, model: GPT, device: torch.device, label: str) 
     try:
         with torch.no_grad():
             attn_fn(q, kv, kv, causal=True)
-    except (UserError, RuntimeError, ValueError) as e:  # e.g. the Triton flash kernel on a CPU
+    except (*user_errors(), RuntimeError, ValueError) as e:  # e.g. the Triton flash kernel on a CPU
         raise UnavailableError(f"{label} cannot run on {device}: {str(e).splitlines()[0]}") from e
 
 
@@ -113,7 +130,14 @@ def load_model(args: argparse.Namespace, device: torch.device):
     model.to(device).eval()
     label = f"--attn {args.attn}" if args.attn else f"the run's attention ({state['config']['attn'].get('_target_')})"
     check_attention_runs(attn_fn, model, device, label)
-    return model, tokenizer_from_dict(state["tokenizer"]), precision
+    if args.tokenizer_path:
+        tok = BPETokenizer.from_file(args.tokenizer_path)
+    elif state["tokenizer"] is None:
+        raise CheckpointError(f"{args.checkpoint} was trained on token ids without a tokenizer, so its tokens cannot be "
+                              "read as text; give one with --tokenizer-path tokenizer.json")
+    else:
+        tok = tokenizer_from_dict(state["tokenizer"])
+    return model, tok, precision
 
 
 def main(argv=None) -> int:
@@ -130,8 +154,8 @@ def main(argv=None) -> int:
         prompt = tok.encode(args.prompt)
         if not prompt:
             raise ConfigError("--prompt encodes to no tokens; give some text")
-    except (UserError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (*user_errors(), ValueError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     gen = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.tensor([prompt], dtype=torch.long, device=device)

@@ -12,8 +12,9 @@ Examples::
 Under torchrun, ``gradient_accumulation_steps`` is the global number of micro-batches per step and
 must be a multiple of the number of processes (each rank runs its share).
 
-A mistake the user can fix (a setting, a file, a checkpoint; a ``trainer.errors.UserError``) is
-printed as one ``error:`` line and exits 1; anything else is a bug and keeps its traceback.
+A mistake the user can fix (a setting, a file, a checkpoint, an attention that cannot run here;
+``trainer.errors.user_errors()``) is printed as one ``error:`` line and exits 1; anything else is
+a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -25,93 +26,77 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, ValidationError
 
 from trainer.config import register_resolvers
-from trainer.errors import OutputError, TrainingError, UserError
-from trainer.rundir import check_creatable
+from trainer.errors import OutputError, TrainingError, UserError, user_errors
 
-register_resolvers()
-
-
-def _quiet_hydra_on_other_ranks() -> None:
-    """Under torchrun only rank 0 writes the run directory: Hydra on the other ranks gets a
-    throw-away output dir (the trainer takes rank 0's directory by broadcast)."""
-    rank = int(os.environ.get("RANK", "0"))
-    if rank > 0 and "-m" not in sys.argv and "--multirun" not in sys.argv:
-        import tempfile
-
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
-                     f"hydra.run.dir={tempfile.gettempdir()}/gptlab-rank{rank}-{os.getpid()}"]
+RANK = int(os.environ.get("RANK", "0"))
+MULTIRUN = "-m" in sys.argv or "--multirun" in sys.argv
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+WRITE_RECORDS = False  # set by _prepare_argv when this file runs as the entry point
 
 
-def _defer_hydra_records() -> bool:
-    """Hydra writes ``.hydra/`` (config, overrides) before the trainer runs; a refused or failed
-    resume would then have overwritten the run's records. Rank 0 writes them itself once set-up
-    succeeded (``_write_hydra_records``), unless the user chose ``hydra.output_subdir``."""
-    if int(os.environ.get("RANK", "0")) > 0 or any(a.startswith("hydra.output_subdir=") for a in sys.argv):
+def _prepare_argv() -> bool:
+    """Settle what Hydra writes before the trainer runs; returns whether rank 0 writes ``.hydra/`` itself.
+
+    Under torchrun only rank 0 writes the run directory: the other ranks get a throw-away one (the
+    trainer takes rank 0's by broadcast). Hydra would write ``.hydra/`` (config, overrides) before
+    the trainer runs, so a refused or failed resume would overwrite the run's records: rank 0
+    writes them once set-up succeeded (``_write_hydra_records``), unless the user chose
+    ``hydra.output_subdir``. And Hydra creates the run directory with a traceback when it cannot:
+    the directory the command line names (or ``runs/``) is checked first, in one line.
+    """
+    if RANK > 0:
+        if not MULTIRUN:
+            import tempfile
+
+            sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
+                         f"hydra.run.dir={tempfile.gettempdir()}/gptlab-rank{RANK}-{os.getpid()}"]
+        return False
+    from trainer.rundir import check_creatable
+
+    key = "hydra.sweep.dir=" if MULTIRUN else "hydra.run.dir="
+    given = [a[len(key):] for a in sys.argv if a.startswith(key)]
+    try:
+        check_creatable((given[-1].split("${")[0] if given else "runs") or ".")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    if any(a.startswith("hydra.output_subdir=") for a in sys.argv):
         return False
     sys.argv.append("hydra.output_subdir=null")
     return True
 
 
-def _check_output_dir() -> None:
-    """Hydra creates the run directory before ``main`` runs, with a traceback when it cannot: check
-    the directory the command line names (or ``runs/``) first, and say what is wrong in one line."""
-    if int(os.environ.get("RANK", "0")) > 0:
-        return
-    key = "hydra.sweep.dir=" if ("-m" in sys.argv or "--multirun" in sys.argv) else "hydra.run.dir="
-    given = [a[len(key):] for a in sys.argv if a.startswith(key)]
-    target = given[-1].split("${")[0] if given else "runs"
-    try:
-        check_creatable(target or ".")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-
-
-_quiet_hydra_on_other_ranks()
-_DEFERRED_RECORDS = _defer_hydra_records()
-
-# Errors that are the user's to fix: reported in one line, without a traceback. OmegaConf's are a
-# mandatory value left at ??? or an interpolation/value the user's config cannot resolve.
-OMEGACONF_USER_ERRORS = (MissingMandatoryValue, InterpolationResolutionError, ValidationError)
-USER_ERRORS = (UserError, *OMEGACONF_USER_ERRORS)
-
-
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from trainer.distributed import shutdown_distributed
     from trainer.loop import Trainer
+    from trainer.runtime import shutdown_distributed
 
     hc = HydraConfig.get()
-    run_dir, overrides = hc.runtime.output_dir, list(hc.overrides.task)
-    multirun = hc.mode == RunMode.MULTIRUN
+    run_dir = hc.runtime.output_dir
     trainer = None
     try:
-        trainer = Trainer(cfg, run_dir, overrides)
-        if _DEFERRED_RECORDS and trainer.dist.is_main:
-            try:
-                _write_hydra_records(trainer, hc)
-            except OSError as e:
-                raise OutputError(f"cannot write {trainer.run_dir / '.hydra'}: {e.strerror or e}") from e
+        trainer = Trainer(cfg, run_dir, list(hc.overrides.task))
+        if WRITE_RECORDS and trainer.dist.is_main:
+            _write_hydra_records(trainer, hc)
         summary = trainer.fit()
         if summary.get("status") == "interrupted":
             raise SystemExit(trainer.exit_code)  # 130 after Ctrl-C, 143 after SIGTERM
         if trainer.dist.is_main:
-            trainer.log.message(f"done: val loss {summary.get('final_val_loss'):.4f}, outputs in {trainer.run_dir}")
-            if int(cfg.sample_tokens) > 0:
-                trainer.log.message("sample:\n" + trainer.sample())
+            trainer.monitor.message(f"done: val loss {summary.get('final_val_loss'):.4f}, outputs in {trainer.run_dir}")
+            if int(trainer.cfg.sample_tokens) > 0 and trainer.data.tokenizer is not None:
+                trainer.monitor.message("sample:\n" + trainer.sample())
         return summary.get("best_val_loss")
-    except USER_ERRORS as e:
+    except user_errors() as e:
         if trainer is not None:
             trainer.fail(e, "diverged" if isinstance(e, TrainingError) else "failed")
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         # OmegaConf appends "full_key: ... object_type=..." lines; the first line says it all
-        message = str(e).splitlines()[0] if isinstance(e, OMEGACONF_USER_ERRORS) else str(e)
+        message = str(e) if isinstance(e, UserError) else str(e).splitlines()[0]
         print(f"error: {message}", file=sys.stderr, flush=True)
-        if not multirun:  # a sweep goes on with its other runs; this one is marked failed
+        if hc.mode != RunMode.MULTIRUN:  # a sweep goes on with its other runs; this one is marked failed
             raise SystemExit(1)
         return None
     except SystemExit:
@@ -123,14 +108,16 @@ def main(cfg: DictConfig) -> float | None:
     finally:
         shutdown_distributed()
         if trainer is not None and not trainer.dist.is_main and str(trainer.run_dir) != run_dir:
-            _remove_if_empty(run_dir)
+            try:
+                os.rmdir(run_dir)  # the throw-away directory Hydra made for this rank
+            except OSError:
+                pass
 
 
 def _write_hydra_records(trainer, hc) -> None:
     """What Hydra would have written to ``.hydra/``, for the run as it now is: after a resume the
     overrides are the run's own plus this command's, and the group choices are updated likewise."""
     out = Path(trainer.run_dir) / ".hydra"
-    out.mkdir(exist_ok=True)
     hydra_cfg = OmegaConf.create({"hydra": OmegaConf.to_container(hc, resolve=False)})
     previous = out / "hydra.yaml"
     if trainer.cfg.get("resume") not in (False, None) and previous.is_file():
@@ -142,9 +129,13 @@ def _write_hydra_records(trainer, hc) -> None:
         hydra_cfg.hydra.runtime.choices = choices
     hydra_cfg.hydra.overrides.task = list(trainer.overrides)
     hydra_cfg.hydra.output_subdir = ".hydra"
-    OmegaConf.save(trainer.cfg, out / "config.yaml")
-    OmegaConf.save(hydra_cfg, out / "hydra.yaml")
-    OmegaConf.save(OmegaConf.create(list(trainer.overrides)), out / "overrides.yaml")
+    try:
+        out.mkdir(exist_ok=True)
+        OmegaConf.save(trainer.cfg, out / "config.yaml")
+        OmegaConf.save(hydra_cfg, out / "hydra.yaml")
+        OmegaConf.save(OmegaConf.create(list(trainer.overrides)), out / "overrides.yaml")
+    except OSError as e:
+        raise OutputError(f"cannot write {out}: {e.strerror or e}") from e
 
 
 # nanoGPT's (and common) names that are spelled differently here, for the hint below
@@ -164,14 +155,11 @@ def _unknown_key_hint(argv: list[str]) -> str | None:
     (nanoGPT's names first, else the closest key), or None when every key is known."""
     import difflib
 
-    configs = Path(__file__).resolve().parent.parent / "configs"
-    known = set(OmegaConf.load(configs / "train.yaml")) | {p.name for p in configs.iterdir() if p.is_dir()} | {"hydra"}
+    known = set(OmegaConf.load(CONFIGS / "train.yaml")) | {p.name for p in CONFIGS.iterdir() if p.is_dir()} | {"hydra"}
     hints = []
     for arg in argv:
-        if arg.startswith(("-", "+", "~")) or "=" not in arg:
-            continue
         root = arg.partition("=")[0].split(".")[0]
-        if root in known:
+        if arg.startswith(("-", "+", "~")) or "=" not in arg or root in known:
             continue
         close = difflib.get_close_matches(root, sorted(known), n=1)
         better = NANOGPT_NAMES.get(root) or (close[0] if close else None)
@@ -180,20 +168,14 @@ def _unknown_key_hint(argv: list[str]) -> str | None:
     return "hint: " + "; ".join(hints) + " (see configs/train.yaml)" if hints else None
 
 
-def _remove_if_empty(path: str) -> None:
-    try:
-        os.rmdir(path)
-    except OSError:
-        pass
-
+register_resolvers()
 
 if __name__ == "__main__":
-    _check_output_dir()
+    WRITE_RECORDS = _prepare_argv()
     try:
         main()
     except SystemExit as exit_:
-        if exit_.code == 1 and int(os.environ.get("RANK", "0")) == 0:  # Hydra refused an override?
-            hint = _unknown_key_hint(sys.argv[1:])
-            if hint:
-                print(hint, file=sys.stderr, flush=True)
+        hint = _unknown_key_hint(sys.argv[1:]) if exit_.code == 1 and RANK == 0 else None  # Hydra refused an override?
+        if hint:
+            print(hint, file=sys.stderr, flush=True)
         raise

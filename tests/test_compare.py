@@ -1,4 +1,4 @@
-"""Tests for trainer/compare.py and scripts/compare.py on run directories fabricated with the
+"""Tests for trainer/analysis/runs.py and scripts/compare.py on run directories fabricated with the
 trainer's contract (config.yaml, summary.json, TensorBoard events), plus one real tiny sweep."""
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
-from trainer import compare as cmp
-from trainer.compare_plots import _aligned
+from trainer.analysis import runs as cmp
+from trainer.analysis.plots import _aligned
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -383,8 +383,8 @@ def losses_at(optim, lr):
 
 
 def test_best_by_picks_each_components_best_lr(lr_sweep):
-    from trainer.compare_best import report
-    from trainer.stats import welch_t_test
+    from trainer.analysis.report import report
+    from trainer.analysis.stats import welch_t_test
 
     runs = cmp.load_runs(lr_sweep)
     keys = cmp.table_keys(runs)
@@ -529,7 +529,7 @@ def test_bpb_and_mfu_columns_only_when_logged(tmp_path, capsys):
 @pytest.mark.parametrize("a, b", [(0.5, 3.0), (2.0, 7.5), (40.0, 0.5)])
 @pytest.mark.parametrize("x", [0.01, 0.3, 0.7, 0.995])
 def test_betainc_closed_forms(a, b, x):
-    from trainer.stats import betainc
+    from trainer.analysis.stats import betainc
 
     # I_x(a, 1) = x^a and I_x(1, b) = 1 - (1 - x)^b; both branches (x below and above (a+1)/(a+b+2))
     assert betainc(a, 1.0, x) == pytest.approx(x**a, rel=1e-12)
@@ -540,7 +540,7 @@ def test_betainc_closed_forms(a, b, x):
 
 @pytest.mark.parametrize("t", [0.0, 0.1, -0.7, 1.0, 2.5, -12.0, 300.0])
 def test_t_p_value_closed_forms(t):
-    from trainer.stats import t_two_sided_p
+    from trainer.analysis.stats import t_two_sided_p
 
     # df = 1 is the Cauchy distribution, df = 2 has a closed-form CDF
     assert t_two_sided_p(t, 1) == pytest.approx(1 - 2 / np.pi * np.arctan(abs(t)), rel=1e-12)
@@ -554,13 +554,13 @@ def test_t_p_value_closed_forms(t):
     (10, 3.169, 0.01), (20, 2.086, 0.05), (30, 2.750, 0.01), (120, 1.980, 0.05), (4, 8.610, 0.001),
 ])
 def test_t_p_value_matches_t_tables(df, t, p):
-    from trainer.stats import t_two_sided_p
+    from trainer.analysis.stats import t_two_sided_p
 
     assert t_two_sided_p(t, df) == pytest.approx(p, rel=2e-3)  # tables give t to 4 digits
 
 
 def test_welch_t_test_closed_form_and_undefined_cases():
-    from trainer.stats import welch_t_test
+    from trainer.analysis.stats import welch_t_test
 
     # equal sizes and variances: df = 2 (n - 1) = 2, where the p-value has a closed form
     t, df, p = welch_t_test([0.0, 2.0], [1.0, 3.0])
@@ -581,7 +581,7 @@ def test_welch_t_test_closed_form_and_undefined_cases():
 
 def test_welch_t_test_matches_scipy():
     stats = pytest.importorskip("scipy.stats")
-    from trainer.stats import welch_t_test
+    from trainer.analysis.stats import welch_t_test
 
     rng = np.random.default_rng(0)
     for _ in range(50):

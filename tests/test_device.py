@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
-from trainer import distributed
-from trainer.distributed import init_distributed, resolve_device
+from trainer import runtime as distributed
+from trainer.runtime import init_distributed, resolve_device
 from trainer.errors import ConfigError, UserError
 
 
@@ -105,7 +105,7 @@ def restore_math(monkeypatch):
 
 def test_configure_math_sets_tf32_both_ways_and_flash_follows(restore_math):
     from kernels.flash import tf32_enabled
-    from trainer.precision import configure_math
+    from trainer.runtime import configure_math
 
     configure_math(tf32=True, deterministic=False)
     assert torch.backends.cuda.matmul.fp32_precision == "tf32" and tf32_enabled()
@@ -115,7 +115,7 @@ def test_configure_math_sets_tf32_both_ways_and_flash_follows(restore_math):
 
 
 def test_configure_math_deterministic(restore_math):
-    from trainer.precision import configure_math
+    from trainer.runtime import configure_math
 
     configure_math(tf32=False, deterministic=True)
     assert torch.are_deterministic_algorithms_enabled()

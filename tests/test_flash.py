@@ -24,7 +24,8 @@ import torch
 
 from kernels import flash_attention, naive_attention
 from reference import attention_f64 as reference
-from trainer.errors import UnavailableError, UserError
+from kernels import UnavailableError, UnsupportedError
+from trainer.errors import user_errors
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LOW_PRECISION_RULE = {torch.float16: (2.0, 1e-3), torch.bfloat16: (4.0, 5e-3)}  # (x naive error, slack)
@@ -178,13 +179,14 @@ def test_cpu_without_interpreter_raises_one_line_user_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(UnavailableError, match="TRITON_INTERPRET=1") as info:
         flash_attention(*_qkv((1, 1, 4, 16)))
-    assert isinstance(info.value, UserError) and isinstance(info.value, RuntimeError)
+    assert isinstance(info.value, user_errors()) and isinstance(info.value, RuntimeError)  # the CLI prints one line
     assert "attn=online" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_unsupported_head_dim_is_a_user_error():
-    with pytest.raises(UserError, match="n_embd / n_head"):
+    with pytest.raises(UnsupportedError, match="n_embd / n_head") as info:
         flash_attention(*_qkv((1, 2, 8, 48)))
+    assert isinstance(info.value, user_errors()) and isinstance(info.value, ValueError)
 
 
 def test_importing_kernels_and_flash_does_not_import_triton():

@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of the flash kernels for every supported NVIDIA target, no GPU needed.
 
-Runs ``scripts/flash_aot.py`` (CI's representative subset) in a subprocess without
+Runs ``scripts/bench/flash_aot.py`` (CI's representative subset) in a subprocess without
 TRITON_INTERPRET (interpreted kernels cannot be compiled) and checks every compiled variant's
 shared memory against its target's per-block limit, which ``triton.compile`` itself does not
 check: sm_75 (T4, 64 KB), sm_80 (A100, 163 KB), sm_86/sm_89 (A10, L4, RTX 30xx/40xx, 99 KB) and
@@ -11,7 +11,7 @@ among those the launcher may pick there (the one that decides whether the kernel
 candidate at gpt2's D=64 on sm_90, and sm_75's whole table. Its ~85 compiles take ~2.5 min of
 CPU cold (~1.7 s each); they are cached under TRITON_CACHE_DIR (default .triton_cache/aot here),
 so reruns take seconds. The full table (~700 compiles) is
-``python scripts/flash_aot.py --full --table``.
+``python scripts/bench/flash_aot.py --full --table``.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import pytest
 from kernels import flash_configs as fc
 
 REPO = Path(__file__).resolve().parents[1]
-TOOL = REPO / "scripts" / "flash_aot.py"
+TOOL = REPO / "scripts" / "bench" / "flash_aot.py"
 
 
 def _tool():

@@ -9,7 +9,8 @@ import pytest
 
 from kernels import flash_configs as fc
 from kernels.flash import SUPPORTED_HEAD_DIMS
-from trainer.errors import UnavailableError, UserError
+from kernels import UnavailableError
+from trainer.errors import user_errors
 
 ELEM_BYTES = {"16-bit": 2, "fp32": 4}
 
@@ -43,7 +44,7 @@ def test_large_gpus_use_the_tuned_tier_and_small_ones_fall_back():
 def test_no_fitting_config_raises_one_line_user_error():
     with pytest.raises(UnavailableError, match="precision=bf16") as info:
         fc.candidates("dkdv", 128, 4, 32 * 1024)
-    assert isinstance(info.value, UserError)
+    assert isinstance(info.value, user_errors())
     assert "attn=sdpa" in str(info.value) and "32 KB" in str(info.value) and "\n" not in str(info.value)
 
 

@@ -14,7 +14,7 @@
    under fp16 autocast with GradScaler, attn=flash vs attn=sdpa from the same seed; the loss
    curves must track within 2%.
 
-The bounds were first set by reasoning; scripts/gpu_check.sh ran this file on an H200 (torch
+The bounds were first set by reasoning; scripts/bench/gpu_check.sh ran this file on an H200 (torch
 2.11, Triton 3.6) on 2026-11-26, and the tests whose bounds that run changed say what it measured.
 """
 from __future__ import annotations

@@ -49,13 +49,13 @@ def test_nano_flops_per_token_closed_form():
 
 @pytest.mark.parametrize("world, accum", [(1, 1), (1, 4), (2, 2), (4, 8)])
 def test_meter_is_per_device_under_accumulation_and_world_size(world, accum):
-    fpt, batch, block, dt, peak = 4.7e6, 12, 64, 0.05, 1e11
+    fpt, batch, block, dt, peak = 4.7e6, 12, 64, 0.05, 1e13
     tokens_per_step = accum * batch * block  # the global batch, as the trainer counts it
-    meter = mfu.MFUMeter(fpt, tokens_per_step, world_size=world, peak_flops=peak)
+    speed = mfu.Speed(fpt, tokens_per_step, torch.device("cpu"), world_size=world, peak_flops=peak)
     per_device_flops = fpt * (accum // world if accum >= world else accum / world) * batch * block
-    assert meter.tflops(dt) * 1e12 == pytest.approx(per_device_flops / dt)
-    assert meter.mfu(dt) == pytest.approx(per_device_flops / dt / peak)
-    assert mfu.MFUMeter(fpt, tokens_per_step, world, peak_flops=None).mfu(dt) is None
+    assert speed.rates(dt)["tflops"] * 1e12 == pytest.approx(per_device_flops / dt)
+    assert speed.rates(dt)["mfu"] == pytest.approx(per_device_flops / dt / peak)
+    assert mfu.Speed(fpt, tokens_per_step, torch.device("cpu"), world, peak_flops=None).rates(dt)["mfu"] is None
 
 
 @pytest.mark.parametrize(
@@ -126,25 +126,18 @@ def test_cpu_calibration_counts_flops_of_the_timed_matmuls(monkeypatch):
 
 
 def test_throughput_windows_exclude_the_first_and_what_restart_drops():
-    clock = iter([0.0, 1.0, 2.0, 2.0, 50.0, 51.0, 53.0, 53.0, 60.0, 60.0])
-    meter = mfu.MFUMeter(flops_per_token=1e6, tokens_per_step=100, peak_flops=1e9)
-    speed = mfu.Throughput(torch.device("cpu"), meter, clock=lambda: next(clock))  # t0 = 0
-    speed.step_done()
-    first = speed.lap()  # 1 step in 1 s (warm-up window), restart at 2
+    clock = iter([0.0, 1.0, 2.0, 50.0, 53.0, 60.0])
+    speed = mfu.Speed(1e6, 100, torch.device("cpu"), peak_flops=1e9, clock=lambda: next(clock))  # t0 = 0
+    first = speed.lap(1)  # 1 step in 1 s (warm-up window)
     assert first["step_ms"] == pytest.approx(1000) and first["tokens_per_sec"] == pytest.approx(100)
     assert speed.summary()["tokens_per_sec"] == pytest.approx(100)  # the only window so far
-    for _ in range(4):
-        speed.step_done()
-    speed.restart()  # e.g. an evaluation ran: those 4 steps' window is dropped; t0 = 2
-    speed.step_done()
-    speed.step_done()
-    second = speed.lap()  # 2 steps over 50 - 2 = 48 s
+    speed.restart(5)  # e.g. an evaluation ran after iteration 5: steps 1..5's window is dropped; t0 = 2
+    second = speed.lap(7)  # 2 steps over 50 - 2 = 48 s
     assert second["step_ms"] == pytest.approx(24_000)
     assert second["mfu"] == pytest.approx(1e6 * 100 / 24.0 / 1e9)
-    speed.step_done()
-    speed.lap()  # 1 step in 53 - 51 = 2 s
-    assert speed.summary()["tokens_per_sec"] == pytest.approx(3 * 100 / 50.0)  # steady windows only
-    assert speed.lap() is None  # no steps since the last lap
+    speed.lap(8)  # 1 step in 53 - 50 = 3 s
+    assert speed.summary()["tokens_per_sec"] == pytest.approx(3 * 100 / 51.0)  # steady windows only
+    assert speed.lap(8) is None  # no steps since the last lap
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,31 +179,26 @@ def test_a_peak_below_the_achieved_rate_is_measured_again_once():
     (it happened: 1.9e-5 TFLOP/s cached for a tiny test shape, MFU 10,000%). The first window that
     beats the peak re-measures it; the MFU is then computed against the new peak."""
     calls = []
-    meter = mfu.MFUMeter(flops_per_token=1e6, tokens_per_step=100, peak_flops=1e6,
-                         remeasure=lambda: calls.append(1) or 4e8)
-    speed = mfu.Throughput(torch.device("cpu"), meter, clock=iter([0.0, 1.0, 1.0, 2.0, 2.0]).__next__)
-    speed.step_done()
-    first = speed.lap()  # 1e8 FLOP in 1 s against a peak of 1e6: impossible
-    assert calls == [1] and meter.peak_flops == 4e8
+    speed = mfu.Speed(1e6, 100, torch.device("cpu"), peak_flops=1e6, remeasure=lambda: calls.append(1) or 4e8,
+                      clock=iter([0.0, 1.0, 2.0]).__next__)
+    first = speed.lap(1)  # 1e8 FLOP in 1 s against a peak of 1e6: impossible
+    assert calls == [1] and speed.peak_flops == 4e8
     assert first["mfu"] == pytest.approx(0.25)
-    assert "re-measured: 0.0004 TFLOP/s" in meter.note and "re-measured" in meter.peak_source
-    speed.step_done()
-    assert speed.lap()["mfu"] == pytest.approx(0.25) and calls == [1]  # once
+    assert "re-measured: 0.0004 TFLOP/s" in speed.note and "re-measured" in speed.peak_source
+    assert speed.lap(2)["mfu"] == pytest.approx(0.25) and calls == [1]  # once
 
 
 def test_a_peak_still_below_the_achieved_rate_reports_no_mfu():
-    meter = mfu.MFUMeter(flops_per_token=1e6, tokens_per_step=100, peak_flops=1e6, remeasure=lambda: 2e6)
-    rates = mfu.Throughput(torch.device("cpu"), meter, clock=iter([0.0, 1.0, 1.0]).__next__)
-    rates.step_done()
-    got = rates.lap()
+    speed = mfu.Speed(1e6, 100, torch.device("cpu"), peak_flops=1e6, remeasure=lambda: 2e6,
+                      clock=iter([0.0, 1.0]).__next__)
+    got = speed.lap(1)
     assert got["mfu"] is None and got["tflops"] == pytest.approx(1e-4)
-    assert "re-measured: 2e-06 TFLOP/s; still below it: MFU is not reported" in meter.note
-    fixed = mfu.MFUMeter(flops_per_token=1e6, tokens_per_step=100, peak_flops=1e6)  # e.g. peak_tflops set
-    speed = mfu.Throughput(torch.device("cpu"), fixed)
-    assert speed.rates(1.0)["mfu"] is None
+    assert "re-measured: 2e-06 TFLOP/s; still below it: MFU is not reported" in speed.note
+    fixed = mfu.Speed(1e6, 100, torch.device("cpu"), peak_flops=1e6)  # e.g. peak_tflops set
+    assert fixed.rates(1.0)["mfu"] is None
     assert "exceed the peak" in fixed.note and "peak_tflops" not in fixed.note
     fixed.note = None  # the trainer logs and clears it
-    assert speed.rates(1.0)["mfu"] is None and fixed.note is None  # said once
+    assert fixed.rates(1.0)["mfu"] is None and fixed.note is None  # said once
 
 
 def test_remeasuring_replaces_the_cached_calibration(tmp_path):

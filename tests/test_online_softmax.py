@@ -103,7 +103,7 @@ CODE_LINK = re.compile(r"\[`([^`]+)`\]\(\.\./(kernels/\w+\.py)#L(\d+)\)")
 
 
 def load_plot_script():
-    spec = importlib.util.spec_from_file_location("plot_online_softmax", REPO / "scripts" / "plot_online_softmax.py")
+    spec = importlib.util.spec_from_file_location("plot_online_softmax", REPO / "scripts" / "bench" / "plot_online_softmax.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

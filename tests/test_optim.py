@@ -446,7 +446,7 @@ def test_configs_have_trainer_keys():
         assert cfg._target_.rsplit(".", 1)[-1].lower() == name
         assert cfg._partial_ is True
         assert cfg.lr > 0 and cfg.weight_decay >= 0
-        assert cfg.param_groups._target_ == "trainer.optim.ParamGroups"
+        assert cfg.param_groups._target_ == "trainer.optim.param_groups" and cfg.param_groups._partial_ is True
 
 
 def synthetic_batch(gen: torch.Generator, batch: int = 16, block: int = 16):
@@ -504,11 +504,11 @@ def test_step_traces_under_torch_compile(name):
 @pytest.mark.parametrize("name,kwargs", ALL_CASES)
 def test_cpu_pieces_are_bit_identical(name, kwargs, monkeypatch):
     """Running the CPU foreach update piece by piece (large tensors split) changes no bit."""
-    from trainer.optim import fast_paths
+    from trainer.optim import base
 
     results = []
     for piece_numel in (1 << 40, 4):  # one piece; pieces of 4 elements, splitting (7,) and up
-        monkeypatch.setattr(fast_paths, "CPU_PIECE_NUMEL", piece_numel)
+        monkeypatch.setattr(base, "CPU_PIECE_NUMEL", piece_numel)
         params = make_params(torch.float32)
         run(getattr(ours, name)(params, foreach=True, **kwargs), params, 20)
         results.append(params)

@@ -7,12 +7,13 @@ import pytest
 from conftest import TINY_TEXT
 
 from trainer import data as data_mod
-from trainer import prepare as prep
-from trainer import sources
-from trainer.data import TextCorpus, open_token_dir, prepare_files, prepare_hf
+from trainer.data import prepare as prep
+from trainer.data import sources
+from trainer.data import load_text, open_token_dir
+from trainer.data.prepare import prepare_files, prepare_hf
 from trainer.errors import DataError
-from trainer.shards import write_shard
-from trainer.tokenizer import BPETokenizer, CharTokenizer, TiktokenTokenizer, tiktoken_from_bpe
+from trainer.data.shards import write_shard
+from trainer.data.tokenizer import BPETokenizer, CharTokenizer, TiktokenTokenizer, tiktoken_from_bpe
 
 DOCS = [f"Document {i}: the quick brown fox number {i} jumps.\nSecond line {i * 7}." for i in range(40)]
 
@@ -174,21 +175,21 @@ def test_output_directory_rules(tmp_path, tiny_corpus):
 
 def test_cache_key_has_every_setting_and_does_not_reread_the_corpus(tmp_path, tiny_corpus, monkeypatch):
     cache = str(tmp_path / "cache")
-    a = TextCorpus(str(tiny_corpus), cache_dir=cache, val_fraction=0.1)
-    b = TextCorpus(str(tiny_corpus), cache_dir=cache, val_fraction=0.5)  # issue 11 item 9
+    a = load_text(str(tiny_corpus), cache_dir=cache, val_fraction=0.1)
+    b = load_text(str(tiny_corpus), cache_dir=cache, val_fraction=0.5)  # issue 11 item 9
     assert a.directory != b.directory and len(b.val) > 4 * len(a.val)
     with pytest.raises(DataError, match="val_fraction=1.5"):
-        TextCorpus(str(tiny_corpus), cache_dir=cache, val_fraction=1.5)
+        load_text(str(tiny_corpus), cache_dir=cache, val_fraction=1.5)
 
     def no_reading(*args, **kwargs):
         raise AssertionError("the corpus was read again")
 
     monkeypatch.setattr(sources, "text_pieces", no_reading)
-    again = TextCorpus(str(tiny_corpus), cache_dir=cache, val_fraction=0.1)
+    again = load_text(str(tiny_corpus), cache_dir=cache, val_fraction=0.1)
     assert again.directory == a.directory
     tiny_corpus.write_text(TINY_TEXT + "more\n")  # a changed file (size, mtime) is prepared again
     with pytest.raises(AssertionError, match="read again"):
-        TextCorpus(str(tiny_corpus), cache_dir=cache, val_fraction=0.1)
+        load_text(str(tiny_corpus), cache_dir=cache, val_fraction=0.1)
 
 
 def test_token_bytes_count_utf8_bytes_for_every_tokenizer(bpe):
@@ -207,7 +208,7 @@ def test_a_tiktoken_encoding_built_here_matches_the_bpe_it_came_from(bpe):
     text = "FIRST CITIZEN:\nYou are all resolved rather to die than to famish?\n"
     assert enc.decode(enc.encode(text)) == text and enc.vocab_size == bpe.vocab_size
     assert enc.encode(text) == bpe.encode(text)
-    from trainer.tokenizer import tokenizer_from_dict
+    from trainer.data.tokenizer import tokenizer_from_dict
 
     assert tokenizer_from_dict(enc.to_dict()).encode(text) == enc.encode(text)  # survives a checkpoint
 
@@ -263,11 +264,7 @@ def test_a_directory_without_token_data_says_how_to_prepare(tmp_path):
 
 
 def test_large_vocabularies_are_padded_for_the_model():
-    class Stub:
-        def __init__(self, v):
-            self.vocab_size = v
-
-    def padded(v):
-        return data_mod.TokenData(None, None, Stub(v), None).model_vocab_size
+    def padded(v, configured=None):
+        return data_mod.model_vocab_size(data_mod.TokenData(None, None, None, None, v), configured)
 
     assert padded(50257) == 50304 and padded(8192) == 8192 and padded(65) == 65

@@ -9,11 +9,12 @@ import pytest
 import torch
 from conftest import TINY_OVERRIDES, TINY_TEXT, compose_cfg
 
-from trainer.data import eval_window_starts, get_batch, prepare_files
-from trainer.distributed import DistInfo
+from trainer.data import eval_window_starts, get_batch
+from trainer.data.prepare import prepare_files
+from trainer.runtime import DistInfo
 from trainer.loop import Trainer
-from trainer.shards import write_shard
-from trainer.tokenizer import BPETokenizer
+from trainer.data.shards import write_shard
+from trainer.data.tokenizer import BPETokenizer
 
 RUN = TINY_OVERRIDES + ["device=cpu", "eval_interval=0", "sample_tokens=0"]
 
@@ -83,16 +84,16 @@ def test_resume_is_bitwise_exact_on_many_shards(tmp_path, tiny_corpus):
     first.train_step = stop_after_three
     assert first.fit()["status"] == "interrupted"
     second = make(tmp_path, common + ["resume=true"], "split")
-    assert second.step == 3
+    assert second.iteration == 3
     second.fit()
     for a, b in zip(straight.raw_model.parameters(), second.raw_model.parameters()):
         assert torch.equal(a, b)
 
 
 def test_ranks_take_disjoint_slices_of_one_global_draw(tmp_path, tiny_corpus, monkeypatch):
-    import trainer.loop as loop_mod
+    import trainer.data as data_mod
 
-    monkeypatch.setattr(loop_mod, "get_batch", lambda ids, starts, block, device: (starts, None))  # window starts
+    monkeypatch.setattr(data_mod, "get_batch", lambda ids, starts, block, device: (starts, None))  # window starts
     t = make(tmp_path, RUN + ["data=text", f"data.path={tiny_corpus}", f"data.cache_dir={tmp_path / 'c'}",
                               "data.shard_tokens=700", "max_iters=0", "gradient_accumulation_steps=4"])
 
@@ -158,7 +159,7 @@ def test_eval_tokens_all_covers_the_whole_val_split(tmp_path, tiny_corpus):
 
 
 def test_model_vocab_smaller_than_the_tokenizer_is_refused(tmp_path, tiny_corpus):
-    with pytest.raises(ValueError, match="model.vocab_size=10 is smaller than the tokenizer's") as e:
+    with pytest.raises(ValueError, match="model.vocab_size=10 is smaller than the data's") as e:
         make(tmp_path, RUN + ["data=text", f"data.path={tiny_corpus}", f"data.cache_dir={tmp_path / 'c'}",
                               "model.vocab_size=10"])
     assert "\n" not in str(e.value)
@@ -166,7 +167,7 @@ def test_model_vocab_smaller_than_the_tokenizer_is_refused(tmp_path, tiny_corpus
 
 def test_gpt2_owt_preset_composes_and_starts_on_a_tiny_prepared_corpus(tmp_path, tiny_corpus, bpe_json):
     cfg = compose_cfg(["+experiment=gpt2_owt", "data.path=x"])
-    assert cfg.model.n_layer == 12 and cfg.model.n_embd == 768 and cfg.data._target_.endswith("TokenCorpus")
+    assert cfg.model.n_layer == 12 and cfg.model.n_embd == 768 and cfg.data._target_.endswith("load_tokens")
     assert cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps == 491_520
     assert cfg.optim.lr == 6e-4 and list(cfg.optim.betas) == [0.9, 0.95] and cfg.precision.name == "bf16"
 
@@ -175,4 +176,4 @@ def test_gpt2_owt_preset_composes_and_starts_on_a_tiny_prepared_corpus(tmp_path,
             "gradient_accumulation_steps=2", "max_iters=2", "eval_iters=1", "eval_interval=0", "warmup_iters=1",
             "compile=false", "precision=fp32", "device=cpu", "sample_tokens=0"]
     t = make(tmp_path, ["+experiment=gpt2_owt", f"data.path={out}"] + tiny)
-    assert t.fit()["status"] == "completed" and t.step == 2
+    assert t.fit()["status"] == "completed" and t.iteration == 2

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import compose_cfg
 
-from trainer import checkpoint as ckpt
+from trainer import rundir as ckpt
 from trainer.errors import CheckpointError, OutputError, TrainingError
 from trainer.loop import Trainer
 
@@ -41,7 +41,7 @@ def poison_after(t, step, value=float("nan")):
 
     def step_fn(*args, **kwargs):
         out = real_step(*args, **kwargs)
-        if t.step == step:
+        if t.iteration == step:
             with torch.no_grad():
                 next(t.raw_model.parameters()).view(-1)[0] = value
         return out
@@ -93,7 +93,7 @@ def test_non_finite_gradient_stops_at_the_next_check_and_keeps_the_checkpoint(tm
     t = make(tmp_path, tiny_overrides + ["max_iters=10", "eval_interval=4", f"log_interval={log_interval}",
                                          "sample_tokens=0"])
     weight = next(t.raw_model.parameters())
-    weight.register_hook(lambda g: g * float("inf") if t.step >= 5 else g)  # finite loss, infinite gradient
+    weight.register_hook(lambda g: g * float("inf") if t.iteration >= 5 else g)  # finite loss, infinite gradient
     with pytest.raises(TrainingError, match=r"gradient norm became non-finite \(nan or inf\) at step 5") as info:
         t.fit()
     assert "ckpt_last.pt is kept" in str(info.value)
@@ -158,8 +158,8 @@ def test_second_trainer_on_a_locked_run_directory_is_refused_with_the_holder_pid
 
     (tmp_path / "run").mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from trainer.rundir import RunLock; "
-         "lock = RunLock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)", str(tmp_path / "run")],
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from trainer.rundir import RunDir; "
+         "lock = RunDir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)", str(tmp_path / "run")],
         stdout=subprocess.PIPE, text=True,
     )
     try:
@@ -291,7 +291,7 @@ def test_damaged_checkpoints_say_what_to_do(tmp_path, tiny_overrides):
         make(tmp_path, base + ["resume=true"])
     # following the hint continues the run from its best checkpoint
     t = make(tmp_path, base + [f"resume={run / ckpt.BEST}", "max_iters=3"])
-    assert t.step == 2 and t.fit()["step"] == 3
+    assert t.iteration == 2 and t.fit()["step"] == 3
 
     foreign = tmp_path / "weights.pt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)

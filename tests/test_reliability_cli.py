@@ -197,8 +197,8 @@ def test_ctrl_c_in_a_terminal_under_torchrun_saves_once_on_every_rank(tmp_path, 
 
 
 def test_stop_signals_repeat_window():
-    from trainer.distributed import DistInfo
-    from trainer.signals import REPEAT_WINDOW_S, StopSignals
+    from trainer.runtime import DistInfo
+    from trainer.runtime import REPEAT_WINDOW_S, StopSignals
 
     with StopSignals(DistInfo()) as stop:
         os.kill(os.getpid(), signal.SIGTERM)

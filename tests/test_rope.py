@@ -143,7 +143,7 @@ def test_bad_rope_settings_are_refused(kw, match):
 def test_training_run_with_rope_resumes_and_refuses_a_learned_config(tmp_path, tiny_overrides):
     from test_trainer import make as make_trainer
 
-    from trainer import checkpoint as ckpt
+    from trainer import rundir as ckpt
 
     common = tiny_overrides + ["model.pos=rope", "max_iters=6", "eval_interval=3", "sample_tokens=8"]
     straight = make_trainer(tmp_path, common, "straight")

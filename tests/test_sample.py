@@ -22,7 +22,7 @@ def run_dir(tmp_path, tiny_overrides):
     """A checkpoint of a tiny untrained bf16 run (weights, optimizer state, config, tokenizer)."""
     t = Trainer(compose_cfg(tiny_overrides + ["max_iters=0", "precision=bf16", "attn=naive"]), tmp_path / "run")
     t.save()
-    t.log.close()
+    t.release()
     return tmp_path / "run"
 
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from trainer.errors import DataError
-from trainer.shards import ShardWriter, Tokens, read_shard, sample_window_starts, write_shard
-from trainer.data import eval_window_starts, get_batch
+from trainer.data import eval_window_starts, get_batch, sample_offsets
+from trainer.data.prepare import ShardWriter
+from trainer.data.shards import Tokens, read_shard, write_shard
 
 
 def llmc_read(path):
@@ -76,7 +77,7 @@ def test_windows_stay_inside_one_shard_and_every_valid_window_is_drawn():
     tokens, block = three_shards(), 3
     # valid starts: shard 0: 0..6 (7), shard 1: 0 (1), shard 2: 0..3 (4)
     assert tokens.num_windows(block) == 12
-    starts = sample_window_starts(tokens, block, 2000, torch.Generator().manual_seed(0))
+    starts = sample_offsets(tokens, block, 2000, torch.Generator().manual_seed(0))
     x, y = get_batch(tokens, starts, block, torch.device("cpu"))
     window = torch.cat([x, y[:, -1:]], dim=1)
     assert torch.all(window[:, 1:] - window[:, :-1] == 1)  # contiguous: never spans two shards
@@ -87,7 +88,7 @@ def test_windows_stay_inside_one_shard_and_every_valid_window_is_drawn():
 
 def test_a_too_short_split_says_so():
     with pytest.raises(DataError, match="block_size=20 is too large"):
-        sample_window_starts(three_shards(), 20, 4, torch.Generator().manual_seed(0))
+        sample_offsets(three_shards(), 20, 4, torch.Generator().manual_seed(0))
 
 
 def test_eval_windows_are_fixed_and_all_covers_each_token_once():

@@ -7,11 +7,13 @@ import torch
 from conftest import CONFIGS, compose_cfg
 from hydra.utils import instantiate
 
-from trainer import checkpoint as ckpt
+from trainer import rundir as ckpt
 from trainer.config import build
 from trainer.errors import ConfigError, DataError, UserError
-from trainer.loop import Trainer, TrainingError, param_groups
-from trainer.schedule import lr_at
+from trainer.errors import TrainingError
+from trainer.loop import Trainer
+from trainer.optim import param_groups
+from trainer.schedule import cosine
 
 
 class RecordingTrainer(Trainer):
@@ -107,7 +109,7 @@ def test_resume_continues_the_same_trajectory(tmp_path, tiny_overrides):
     assert first.fit()["status"] == "interrupted"
     assert json.loads((tmp_path / "split" / "summary.json").read_text())["status"] == "interrupted"
     second = make(tmp_path, common + ["resume=true"], "split")
-    assert second.step == 4
+    assert second.iteration == 4
     second.fit()
     assert first.losses + second.losses == straight.losses  # bitwise: same data, dropout, state
     for a, b in zip(straight.raw_model.parameters(), second.raw_model.parameters()):
@@ -118,7 +120,7 @@ def test_resume_from_another_checkpoint_path(tmp_path, tiny_overrides):
     base = tiny_overrides + ["max_iters=4", "eval_interval=0", "sample_tokens=0"]
     make(tmp_path, base, "a").fit()
     t = make(tmp_path, base + ["max_iters=6", f"resume={tmp_path / 'a'}"], "b")
-    assert t.step == 4
+    assert t.iteration == 4
     assert t.fit()["step"] == 6
 
 
@@ -142,7 +144,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_ove
 
     def exploding(idx, targets=None):
         logits, loss = real_forward(idx, targets)
-        return logits, loss * float("nan") if t.step >= 3 else loss
+        return logits, loss * float("nan") if t.iteration >= 3 else loss
 
     t.raw_model.forward = exploding
     with pytest.raises(TrainingError, match=r"loss became non-finite \(nan or inf\) at step 3"):
@@ -179,7 +181,7 @@ def test_bad_settings_fail_before_training(tmp_path, tiny_overrides, extra, erro
 
 
 def test_lr_schedule_warmup_cosine_floor():
-    lr = [lr_at(i, 1.0, 10, 110, 0.1) for i in range(130)]
+    lr = [cosine(i, lr=1.0, warmup_iters=10, decay_iters=110, min_lr=0.1) for i in range(130)]
     assert lr[0] == pytest.approx(1 / 11) and lr[9] == pytest.approx(10 / 11)
     assert lr[10] == pytest.approx(1.0) and lr[60] == pytest.approx(0.55)
     assert lr[110] == lr[129] == 0.1
@@ -220,7 +222,7 @@ def test_unknown_group_option_lists_the_available_ones():
 def test_peak_memory_window_resets_between_runs_of_one_process():
     import sys
 
-    from trainer.runlog import peak_memory_bytes, reset_peak_memory
+    from trainer.monitor import peak_memory_bytes, reset_peak_memory
 
     if not sys.platform.startswith("linux"):
         pytest.skip("peak RSS can only be reset on Linux")

@@ -2,9 +2,9 @@
 run names, building components from ``_target_`` nodes, and checking the top-level settings."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import re
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -57,6 +57,24 @@ def _split_overrides(joined: str) -> list[str]:
     return items + [current]
 
 
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def components(group: str) -> list[str]:
+    """The options of a config group (``configs/<group>/*.yaml``): the one list of components that
+    CLIs, presets, benchmarks and tests read, so a new component joins them all by its YAML file."""
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def load_component(group: str, name: str, **overrides):
+    """``configs/<group>/<name>.yaml`` as a config node (with ``overrides`` merged), for ``build``.
+    Interpolations into the training config (``${learning_rate}``) are not resolved here."""
+    if name not in components(group):
+        raise ConfigError(f"{group}={name!r} is not one of configs/{group}/: {', '.join(components(group))}")
+    node = OmegaConf.load(CONFIGS / group / f"{name}.yaml")
+    return OmegaConf.merge(node, overrides) if overrides else node
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("run_name"):
         OmegaConf.register_new_resolver("run_name", run_name)
@@ -67,53 +85,44 @@ def register_resolvers() -> None:
 
 
 # a constructor called with a key the config added or left out
-_BAD_KEYWORD = re.compile(r"__init__\(\) (got an unexpected keyword argument|missing \d+ required)")
+_BAD_KEYWORD = re.compile(r"__init__\(\) (got an unexpected keyword argument|missing \d+ required)|"
+                          r"\(\) (got an unexpected keyword argument|missing \d+ required)")
 
 
-@contextlib.contextmanager
-def config_errors():
-    """A ValueError raised by a component's constructor from config values (``GPTConfig`` with
-    ``n_embd % n_head != 0``, an optimizer with ``eps < 0``), or a constructor given a keyword it
-    does not take, is the user's to fix: re-raise it as a ConfigError with the same message.
-    User errors pass through; anything else is a bug and keeps its type."""
-    try:
-        yield
-    except UserError:
-        raise
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    except TypeError as e:
-        if _BAD_KEYWORD.search(str(e)):
-            raise ConfigError(f"{e}; remove or rename that key in the config") from e
-        raise
+def build(node, *args, **kwargs):
+    """``hydra.utils.instantiate(node, **kwargs)``, called with ``args`` when the node is partial
+    (``_partial_: true``: an optimizer given its parameter groups), with the constructor's own
+    error instead of Hydra's multi-line wrapper.
 
-
-def build(node, **kwargs):
-    """``hydra.utils.instantiate``, with a constructor's own error instead of Hydra's wrapper.
-
-    Hydra wraps a constructor's exception in a multi-line InstantiationException; a user who
-    typed ``model.n_embd=33`` should read the constructor's message in one line. Recognized
-    user errors become a ``UserError``: the constructor's ValueError, an unknown or missing
-    keyword, a ``_target_`` that cannot be imported. Anything else is re-raised unchanged, so a
-    bug in a component keeps its traceback.
+    What the user can fix becomes a one-line ``ConfigError``: the constructor's ValueError (``GPTConfig``
+    with ``n_embd % n_head != 0``, an optimizer with ``eps < 0``), an unknown or missing keyword,
+    a ``_target_`` that cannot be imported. Anything else is re-raised unchanged, so a bug in a
+    component keeps its traceback.
     """
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
+    target = node.get("_target_", "?") if hasattr(node, "get") else "?"
     try:
-        with config_errors():
-            return instantiate(node, **kwargs)
-    except InstantiationException as e:
-        cause = e.__cause__
-        target = node.get("_target_", "?") if hasattr(node, "get") else "?"
-        if isinstance(cause, UserError):
-            raise cause from None
-        if isinstance(cause, ValueError):
-            raise ConfigError(str(cause)) from None
-        if isinstance(cause, ImportError) or (cause is None and "Error locating target" in str(e)):
-            raise ConfigError(f"cannot build {target}: _target_ cannot be imported ({cause}); check its spelling") from e
-        if isinstance(cause, TypeError) and _BAD_KEYWORD.search(str(cause)):
-            raise ConfigError(f"cannot build {target}: {cause}; remove or rename that key in the config") from e
+        try:
+            made = instantiate(node, **kwargs)
+            return made(*args) if args else made
+        except InstantiationException as e:
+            cause = e.__cause__
+            if cause is None and "Error locating target" in str(e):
+                cause = ImportError(str(e).splitlines()[0])
+            if cause is None:
+                raise
+            raise cause from e
+    except UserError:
+        raise
+    except ImportError as e:
+        raise ConfigError(f"cannot build {target}: _target_ cannot be imported ({e}); check its spelling") from e
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    except TypeError as e:
+        if _BAD_KEYWORD.search(str(e)):
+            raise ConfigError(f"cannot build {target}: {e}; remove or rename that key in the config") from e
         raise
 
 
@@ -131,8 +140,10 @@ SETTINGS = {
 _MAX_INT = 2**63 - 1  # torch seeds and step counters are int64
 
 
-def check_settings(cfg) -> None:
-    """Every numeric top-level key has the right type and range, or a one-line error names it."""
+def check_settings(cfg, world_size: int = 1) -> tuple[int, int]:
+    """Every numeric top-level key has the right type and range, or a one-line error names it; the
+    batch fits the model and splits over ``world_size`` ranks. Returns (accumulation micro-steps per
+    rank, tokens per step)."""
     for key, (kind, lowest, nullable) in SETTINGS.items():
         value = cfg.get(key)
         if value is None and nullable:
@@ -146,11 +157,6 @@ def check_settings(cfg) -> None:
             what = "an integer" if kind is int else "a finite number"
             limit = f" and <= {_MAX_INT}" if kind is int else ""
             raise ConfigError(f"{key}={value!r} must be {what} >= {lowest}{limit}" + (" or null" if nullable else ""))
-
-
-def check_batch_config(cfg, world_size: int) -> tuple[int, int]:
-    """Check the batch settings; returns (accumulation micro-steps per rank, tokens per step)."""
-    check_settings(cfg)
     if cfg.block_size > cfg.model.block_size:
         raise ConfigError(
             f"block_size={cfg.block_size} exceeds the model's context model.block_size={cfg.model.block_size}; "
@@ -163,14 +169,6 @@ def check_batch_config(cfg, world_size: int) -> tuple[int, int]:
             "the global batch must split evenly over ranks (use a multiple of the number of processes)"
         )
     return accum // world_size, accum * int(cfg.batch_size) * int(cfg.block_size)
-
-
-def check_vocab(cfg, tokenizer_vocab: int) -> int:
-    """The model's vocabulary size: ``model.vocab_size`` if set (at least the tokenizer's), else the tokenizer's."""
-    vocab = cfg.model.get("vocab_size") or tokenizer_vocab
-    if vocab < tokenizer_vocab:
-        raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab} tokens")
-    return int(vocab)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +223,7 @@ def resume_config(saved: dict, composed, overrides: list[str]) -> tuple:
     for key in composed:  # this process's settings, and settings added to train.yaml since the run
         if key in RUNTIME_KEYS or key not in base:
             base[key] = _resolved(composed, key)
-    return base, _differences(_flat(saved), _flat(OmegaConf.to_container(base)))
+    return base, _differences(flatten(saved), flatten(OmegaConf.to_container(base)))
 
 
 def _resolved(cfg, key: str):
@@ -242,9 +240,9 @@ def _follow_interpolations(base, saved: dict, composed, changed: set[str]) -> No
     def under(key: str) -> bool:
         return any(key == c or key.startswith(c + ".") for c in changed)
 
-    links = {path: m.group(1) for path, value in _flat(OmegaConf.to_container(composed, resolve=False)).items()
+    links = {path: m.group(1) for path, value in flatten(OmegaConf.to_container(composed, resolve=False)).items()
              if isinstance(value, str) and (m := re.fullmatch(r"\$\{([\w.]+)\}", value))}
-    flat_saved = _flat(saved)
+    flat_saved = flatten(saved)
     followed = True
     while followed:
         followed = False
@@ -257,12 +255,13 @@ def _follow_interpolations(base, saved: dict, composed, changed: set[str]) -> No
                 followed = True
 
 
-def _flat(tree, prefix: str = "") -> dict:
+def flatten(tree, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (a run's config as dotted keys)."""
     if not isinstance(tree, dict):
         return {prefix: tree}
     out = {}
     for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 

@@ -25,12 +25,12 @@ import os
 import platform
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from kernels import tf32_enabled
 from trainer.precision import Precision
 
 # Dense (no sparsity) peak TFLOP/s from NVIDIA's datasheets, per precision of the matmul inputs.
@@ -70,7 +70,7 @@ def model_flops_per_token(model: torch.nn.Module, seq_len: int, causal_half: boo
 
 def matmul_precision(device: torch.device, precision: str) -> str:
     """The input precision the model's matmuls really run in: fp32 becomes tf32 where torch allows it."""
-    if precision == "fp32" and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+    if precision == "fp32" and device.type == "cuda" and tf32_enabled():
         return "tf32"
     return precision
 
@@ -156,44 +156,6 @@ def cpu_peak_flops(tokens: int, n_embd: int, vocab_size: int, dtype: torch.dtype
     return flops
 
 
-# ------------------------------------------------------------------------------------------------
-# what the trainer uses
-
-
-@dataclass
-class MFUMeter:
-    """Turns a step's wall time into achieved TFLOP/s (per device) and MFU.
-
-    ``tokens_per_step`` is the global batch (all ranks, all accumulation steps); the work is
-    shared by ``world_size`` devices, each with peak ``peak_flops`` (None: unknown).
-    """
-
-    flops_per_token: float
-    tokens_per_step: int
-    world_size: int = 1
-    peak_flops: float | None = None
-    peak_source: str = ""
-    # a measured (CPU) peak can be measured again: see Throughput.rates
-    remeasure: Callable[[], float] | None = None
-    note: str | None = None  # what happened to the peak during the run, for the log (read once)
-    unreported: bool = False  # the peak proved wrong even after re-measuring: MFU is None from then on
-
-    def tflops(self, step_seconds: float) -> float:
-        """Achieved TFLOP/s of one device over a step that took ``step_seconds``."""
-        return self.flops_per_token * self.tokens_per_step / self.world_size / step_seconds / 1e12
-
-    def mfu(self, step_seconds: float) -> float | None:
-        """Achieved / peak FLOP/s, in [0, 1] for a sane peak; None if the peak is unknown."""
-        if not self.peak_flops:
-            return None
-        return self.tflops(step_seconds) * 1e12 / self.peak_flops
-
-    def describe(self) -> str:
-        peak = "unknown" if not self.peak_flops else f"{self.peak_flops / 1e12:.3g} TFLOP/s per device"
-        return (f"MFU: {self.flops_per_token / 1e6:.3g} MFLOP per token (6N + 12LTd, full T x T attention); "
-                f"peak {peak} ({self.peak_source})")
-
-
 def peak_flops_for(device: torch.device, precision: str, *, tokens: int, n_embd: int, vocab_size: int,
                    cache_dir: str | os.PathLike, peak_tflops: float | None = None) -> tuple[float | None, str]:
     """The peak FLOP/s of ``device`` for a run at ``precision`` and where the number came from.
@@ -216,69 +178,74 @@ def peak_flops_for(device: torch.device, precision: str, *, tokens: int, n_embd:
     return None, f"no peak known for device type {device.type}; set peak_tflops=<dense TFLOP/s> for MFU"
 
 
-class Throughput:
-    """Training speed between log points: steps, wall time, tokens/s, TFLOP/s and MFU.
+# ------------------------------------------------------------------------------------------------
+# what the trainer uses
 
+
+class Speed:
+    """Training speed between log points: ms per step, tokens/s, achieved TFLOP/s per device, MFU.
+
+    ``tokens_per_step`` is the global batch (all ranks, all accumulation steps); the work is shared
+    by ``world_size`` devices, each with peak ``peak_flops`` (None: unknown, MFU not reported).
     The clock is read (and CUDA synchronized, so a step's kernels are charged to it) only at log
     points, never per step: the host keeps running ahead of the GPU in between. Evaluation and
     checkpoints are left out by calling :meth:`restart` after them. The run's average excludes the
-    window holding the process's first step (warm-up, autotuning, compilation) unless there is no other.
+    window holding the process's first step (warm-up, autotuning, compilation) unless there is no
+    other. A measured (CPU) peak that a run beats was calibrated on a loaded machine: ``remeasure``
+    measures it again, once; ``note`` then says what happened, for the log (read and cleared by it).
     """
 
-    def __init__(self, device: torch.device, meter: MFUMeter, clock=time.perf_counter):
-        self.device, self.meter, self.clock = device, meter, clock
+    def __init__(self, flops_per_token: float, tokens_per_step: int, device: torch.device, world_size: int = 1,
+                 peak_flops: float | None = None, peak_source: str = "", remeasure: Callable[[], float] | None = None,
+                 clock: Callable[[], float] = time.perf_counter, start: int = 0):
+        self.flops_per_token, self.tokens_per_step, self.world_size = flops_per_token, tokens_per_step, world_size
+        self.peak_flops, self.peak_source, self.remeasure = peak_flops, peak_source, remeasure
+        self.device, self.clock, self.note, self.unreported = device, clock, None, False
         self.first: tuple[int, float] | None = None  # (steps, seconds) of the first window
         self.total_steps, self.total_seconds = 0, 0.0  # of the later windows
-        self.restart()
+        self.restart(start)
 
-    def _now(self) -> float:
+    def restart(self, iteration: int) -> None:
+        """Start a new window at ``iteration`` (after an evaluation or a checkpoint)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return self.clock()
+        self.start, self.t0 = iteration, self.clock()
 
-    def restart(self) -> None:
-        """Start a new window (after evaluation or a checkpoint, which are not training speed)."""
-        self.steps, self.t0 = 0, self._now()
-
-    def step_done(self) -> None:
-        self.steps += 1
-
-    def lap(self) -> dict[str, float | None] | None:
-        """Rates over the steps since the last lap or restart (None if there were none); a new window starts."""
-        steps, seconds = self.steps, self._now() - self.t0
+    def lap(self, iteration: int) -> dict[str, float | None] | None:
+        """Rates over the steps since the window began, up to ``iteration`` (None if none); a new window starts."""
+        steps, t0 = iteration - self.start, self.t0
+        self.restart(iteration)
         if steps == 0:
-            self.restart()
             return None
+        seconds = self.t0 - t0
         if self.first is None:
             self.first = (steps, seconds)
         else:
             self.total_steps += steps
             self.total_seconds += seconds
-        rates = self.rates(seconds / steps)  # before the new window: it may re-measure the peak
-        self.restart()
-        return rates
+        return self.rates(seconds / steps)
 
     def rates(self, step_seconds: float) -> dict[str, float | None]:
-        m = self.meter
-        mfu = m.mfu(step_seconds)
-        if mfu is not None and mfu > 1 and m.remeasure is not None:
+        tflops = self.flops_per_token * self.tokens_per_step / self.world_size / step_seconds / 1e12
+        mfu = tflops * 1e12 / self.peak_flops if self.peak_flops else None
+        if mfu is not None and mfu > 1 and self.remeasure is not None:
             # the run beats the matmul rate its peak came from: that calibration was measured on a
             # loaded machine (and cached). Measure again now, once; if that is still below, say so.
-            old, m.remeasure, m.peak_flops = m.peak_flops, None, m.remeasure()
-            mfu = m.mfu(step_seconds)
-            m.note = (f"MFU: the cached CPU calibration ({old / 1e12:.3g} TFLOP/s) was below this run's "
-                      f"{m.tflops(step_seconds):.3g} TFLOP/s (measured on a loaded machine?); re-measured: "
-                      f"{m.peak_flops / 1e12:.3g} TFLOP/s")
-            m.peak_source += "; re-measured during the run"
+            old, self.peak_flops, self.remeasure = self.peak_flops, self.remeasure(), None
+            mfu = tflops * 1e12 / self.peak_flops
+            self.note = (f"MFU: the cached CPU calibration ({old / 1e12:.3g} TFLOP/s) was below this run's "
+                         f"{tflops:.3g} TFLOP/s (measured on a loaded machine?); re-measured: "
+                         f"{self.peak_flops / 1e12:.3g} TFLOP/s")
+            self.peak_source += "; re-measured during the run"
         if mfu is not None and mfu > 1:
             mfu = None  # a peak below the achieved rate cannot be the peak: unknown, not a false figure
-            if not m.unreported:  # said once
-                m.unreported = True
-                m.note = (f"{m.note}; still below it: MFU is not reported" if m.note else
-                          f"MFU: this run's {m.tflops(step_seconds):.3g} TFLOP/s exceed the peak "
-                          f"{m.peak_flops / 1e12:.3g} TFLOP/s ({m.peak_source}): MFU is not reported")
-        return {"step_ms": step_seconds * 1e3, "tokens_per_sec": m.tokens_per_step / step_seconds,
-                "tflops": m.tflops(step_seconds), "mfu": mfu}
+            if not self.unreported:  # said once
+                self.unreported = True
+                self.note = (f"{self.note}; still below it: MFU is not reported" if self.note else
+                             f"MFU: this run's {tflops:.3g} TFLOP/s exceed the peak {self.peak_flops / 1e12:.3g} "
+                             f"TFLOP/s ({self.peak_source}): MFU is not reported")
+        return {"step_ms": step_seconds * 1e3, "tokens_per_sec": self.tokens_per_step / step_seconds,
+                "tflops": tflops, "mfu": mfu}
 
     def summary(self) -> dict[str, float | None]:
         """Averages over the run's steady windows (or the first one, if it is all there is)."""
@@ -286,22 +253,23 @@ class Throughput:
         if not steps:
             return {"tokens_per_sec": None, "tflops": None, "mfu": None}
         rates = self.rates(seconds / steps)
-        return {k: rates[k] for k in ("tokens_per_sec", "tflops", "mfu")}
+        return {"tokens_per_sec": rates["tokens_per_sec"], "tflops": rates["tflops"], "mfu": rates["mfu"]}
+
+    def describe(self) -> str:
+        peak = "unknown" if not self.peak_flops else f"{self.peak_flops / 1e12:.3g} TFLOP/s per device"
+        return (f"MFU: {self.flops_per_token / 1e6:.3g} MFLOP per token (6N + 12LTd, full T x T attention); "
+                f"peak {peak} ({self.peak_source})")
 
 
-def meter_for_run(model: torch.nn.Module, device: torch.device, precision: str, *, seq_len: int, micro_batch: int,
-                  tokens_per_step: int, world_size: int, peak_tflops: float | None = None,
-                  cache_dir: str | os.PathLike | None = None) -> MFUMeter:
-    """The :class:`MFUMeter` of a training run (the CPU calibration uses the run's micro-batch shapes)."""
-    if cache_dir is None:
-        from trainer.data import default_cache_dir
-
-        cache_dir = default_cache_dir()
-    cfg = model.config
-    shape = dict(tokens=micro_batch * seq_len, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size)
+def speed_for_run(model: torch.nn.Module, device: torch.device, precision: str, *, seq_len: int, micro_batch: int,
+                  tokens_per_step: int, world_size: int, cache_dir: str | os.PathLike,
+                  peak_tflops: float | None = None, start: int = 0) -> Speed:
+    """The :class:`Speed` of a training run (the CPU calibration uses the run's micro-batch shapes)."""
+    shape = dict(tokens=micro_batch * seq_len, n_embd=model.config.n_embd, vocab_size=model.config.vocab_size)
     peak, source = peak_flops_for(device, precision, **shape, cache_dir=cache_dir, peak_tflops=peak_tflops)
     remeasure = None
     if device.type == "cpu" and not peak_tflops:
         remeasure = functools.partial(cpu_peak_flops, **shape, dtype=Precision(precision).dtype, cache_dir=cache_dir,
                                       remeasure=True)
-    return MFUMeter(model_flops_per_token(model, seq_len), tokens_per_step, world_size, peak, source, remeasure)
+    return Speed(model_flops_per_token(model, seq_len), tokens_per_step, device, world_size, peak, source, remeasure,
+                 start=start)

@@ -1,21 +1,24 @@
 """Optimizers written from scratch, drop-in for torch.optim: SGD, Adam, AdamW, Lion, Muon, Adafactor.
 
-Each optimizer is its update rule: a short function per parameter (``adam_update``, ``lion_update``,
-...) that reads like the paper, plus its state. trainer/optim/base.py does the torch.optim
-plumbing once; trainer/optim/fast_paths.py holds the multi-tensor (``foreach``) versions and
-the ``fused=True`` Triton steps (fused_triton.py, imported only then). param_groups.py decides
-which parameters decay, get which lr, and which Muon orthogonalizes.
+Each file is one optimizer: its update rule as a short function per parameter (``adam_update``,
+``lion_update``, ...) that reads like the paper, the class holding its state, and, where
+scripts/bench/bench_optim.py shows it pays, its multi-tensor (``foreach``) and fused Triton
+(``fused=True``, fused_triton.py, imported only then) versions, tested equal to the rule.
+base.py does the torch.optim plumbing once; groups.py decides which parameters decay, get
+which lr, and which Muon orthogonalizes. Optimizers are imported on first use.
 """
-from trainer.optim.adafactor import Adafactor, adafactor_update
-from trainer.optim.adam import Adam, AdamW, adam_update
-from trainer.optim.base import RuleOptimizer
-from trainer.optim.lion import Lion, lion_update
-from trainer.optim.muon import Muon, muon_update, zeropower_via_newton_schulz
-from trainer.optim.param_groups import ParamGroups
-from trainer.optim.sgd import SGD, sgd_update
+import importlib
 
-__all__ = [
-    "SGD", "Adam", "AdamW", "Lion", "Muon", "Adafactor", "RuleOptimizer",
-    "sgd_update", "adam_update", "lion_update", "muon_update", "adafactor_update",
-    "zeropower_via_newton_schulz", "ParamGroups",
-]
+_WHERE = {
+    "SGD": "sgd", "sgd_update": "sgd", "Adam": "adam", "AdamW": "adam", "adam_update": "adam",
+    "Lion": "lion", "lion_update": "lion", "Muon": "muon", "muon_update": "muon",
+    "zeropower_via_newton_schulz": "muon", "Adafactor": "adafactor", "adafactor_update": "adafactor",
+    "RuleOptimizer": "base", "param_groups": "groups",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"trainer.optim.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'trainer.optim' has no attribute {name!r}")

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from trainer.optim.base import Range, RuleOptimizer, at_least, new_step
+from trainer.optim.base import NON_NEGATIVE, Range, RuleOptimizer, new_step
 
 
 def adafactor_update(p: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float, beta2_decay: float,
@@ -51,8 +51,8 @@ class Adafactor(RuleOptimizer):
     multi-tensor path: ``foreach`` is accepted and runs this same rule.
     """
 
-    RANGES = dict(lr=at_least(0), beta2_decay=Range(high=0.0), eps=Range(0.0, optional=True),
-                  d=at_least(1), weight_decay=at_least(0))
+    RANGES = dict(lr=NON_NEGATIVE, beta2_decay=Range(high=0.0), eps=Range(0.0, optional=True),
+                  d=Range(1.0), weight_decay=NON_NEGATIVE)
 
     update = staticmethod(adafactor_update)
 

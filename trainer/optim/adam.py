@@ -15,8 +15,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from trainer.optim import fast_paths
-from trainer.optim.base import RuleOptimizer, at_least, new_step, unit_interval
+from trainer.optim.base import NON_NEGATIVE, RuleOptimizer, UNIT_INTERVAL, cpu_pieces, group_by_device_dtype, new_step
 
 
 def adam_update(p: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float,
@@ -41,6 +40,62 @@ def adam_update(p: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float,
     p.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
 
 
+# --- the multi-tensor (foreach) and fused steps, tested equal to adam_update -------------------
+
+def adam_foreach(params: list[Tensor], grads: list[Tensor], states: list[dict], *, lr: float,
+                 betas: tuple[float, float], eps: float, weight_decay: float, amsgrad: bool,
+                 maximize: bool, decoupled_weight_decay: bool) -> None:
+    """adam.adam_update over lists, per (device, dtype) bucket and CPU piece."""
+    beta1, beta2 = betas
+    keys = ["exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad else "exp_avg_sq", "step"]
+    lists = [params, grads] + [[s[k] for s in states] for k in keys]
+    for *tensors, steps in group_by_device_dtype(*lists).values():
+        torch._foreach_add_(steps, 1.0)
+        ts = [s.item() for s in steps]  # CPU tensors: no device sync
+        bc1 = [1.0 - beta1**t for t in ts]
+        bc2_sqrt = [math.sqrt(1.0 - beta2**t) for t in ts]
+        # Fold sqrt(1 - beta2^t) into eps and the step size instead of dividing sqrt(v) by it:
+        #   lr/bc1 * m / (sqrt(v)/bc2_sqrt + eps) == (lr*bc2_sqrt/bc1) * m / (sqrt(v) + eps*bc2_sqrt)
+        # which saves a full pass over the buffers each step.
+        step_sizes = [-lr * b / c for b, c in zip(bc2_sqrt, bc1)]
+        eps_hats = [eps * b for b in bc2_sqrt]
+        uniform = len(set(ts)) == 1  # the usual case: every parameter took the same number of steps
+        for (p, g, m, v, v_max), owners in cpu_pieces(tensors):
+            if uniform:
+                step_size, eps_hat = step_sizes[0], eps_hats[0]
+            else:
+                step_size, eps_hat = [step_sizes[i] for i in owners], [eps_hats[i] for i in owners]
+            if maximize:
+                g = torch._foreach_neg(g)  # a copy: we may now update it in place
+            if weight_decay != 0:
+                if decoupled_weight_decay:
+                    torch._foreach_mul_(p, 1 - lr * weight_decay)
+                elif maximize:
+                    torch._foreach_add_(g, p, alpha=weight_decay)
+                else:
+                    g = torch._foreach_add(g, p, alpha=weight_decay)  # never write into .grad
+            torch._foreach_lerp_(m, g, 1 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, g, g, 1 - beta2)
+            if amsgrad:
+                torch._foreach_maximum_(v_max, v)
+                v = v_max
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_add_(denom, eps_hat)
+            torch._foreach_addcdiv_(p, m, denom, step_size)
+
+
+def adamw_fused(params: list[Tensor], grads: list[Tensor], states: list[dict], *, lr: float,
+                betas: tuple[float, float], eps: float, weight_decay: float, **_: Any) -> None:
+    """AdamW in one Triton kernel per parameter (check_fused_group has ruled out what it can't do;
+    L2 decay only when weight_decay is 0, where it equals decoupled decay)."""
+    from trainer.optim import fused_triton
+
+    fused_triton.adamw_fused(params, grads, [s["exp_avg"] for s in states],
+                             [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
+                             lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay)
+
+
 class Adam(RuleOptimizer):
     """Adam with L2 weight decay, bias correction and optional AMSGrad; arguments, defaults and
     state names (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) as ``torch.optim.Adam``.
@@ -50,10 +105,10 @@ class Adam(RuleOptimizer):
     ``capturable`` and ``differentiable`` are accepted at their default (False) only.
     """
 
-    RANGES = dict(lr=at_least(0), betas=unit_interval(), eps=at_least(0), weight_decay=at_least(0))
+    RANGES = dict(lr=NON_NEGATIVE, betas=UNIT_INTERVAL, eps=NON_NEGATIVE, weight_decay=NON_NEGATIVE)
     update = staticmethod(adam_update)
-    update_foreach = staticmethod(fast_paths.adam_foreach)
-    update_fused = staticmethod(fast_paths.adamw_fused)
+    update_foreach = staticmethod(adam_foreach)
+    update_fused = staticmethod(adamw_fused)
     fused_unsupported = ("amsgrad", "maximize")
 
     def __init__(

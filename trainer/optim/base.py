@@ -7,16 +7,17 @@ An optimizer in this package is its update rule. A subclass declares
   torch's names so that state dicts are interchangeable with torch.optim's;
 * ``update(p, grad, state, **hyperparameters)``: one parameter's step, written as the paper reads.
 
-and, only where scripts/bench_optim.py shows it pays, a fast path (``update_foreach`` and
-``update_fused``, in trainer/optim/fast_paths.py). This class does the rest: parameter groups,
+and, only where scripts/bench/bench_optim.py shows it pays, a fast path (``update_foreach`` and
+``update_fused``, beside the rule in its file). This class does the rest: parameter groups,
 lazy state, the closure, gradient checks, choosing the path from ``foreach``/``fused``, and a
 state_dict round trip that keeps the receiving optimizer's path and its step counters on the host.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -27,46 +28,35 @@ PATH_KEYS = ("foreach", "fused", "capturable", "differentiable")
 
 # --- hyperparameter ranges ------------------------------------------------------------------
 
-class Range:
-    """``low <= value`` (or ``<``), ``value <= high`` (or ``<``); a pair/tuple is checked element-wise."""
+class Range(NamedTuple):
+    """``low <= value`` (``<`` with ``high_open``) ``<= high``; a pair/tuple is checked element-wise;
+    ``optional``: None is allowed too."""
 
-    def __init__(self, low: float = -math.inf, high: float = math.inf, *, high_open: bool = False,
-                 optional: bool = False) -> None:
-        self.low, self.high, self.high_open, self.optional = low, high, high_open, optional
-
-    def ok(self, value: float) -> bool:
-        below = value < self.high if self.high_open else value <= self.high
-        return self.low <= value and below  # False for NaN
+    low: float = -math.inf
+    high: float = math.inf
+    high_open: bool = False
+    optional: bool = False
 
     def check(self, name: str, value: Any) -> None:
-        values = value if isinstance(value, (tuple, list)) else (value,)
-        for v in values:
+        for v in value if isinstance(value, (tuple, list)) else (value,):
             if v is None and self.optional:
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, float, Tensor)) or not self.ok(as_float(v)):
-                raise ValueError(f"Invalid {LABELS.get(name, name)}: {name}={_show(value)} (must be {self})")
+            ok = not isinstance(v, bool) and isinstance(v, (int, float, Tensor))
+            x = as_float(v) if ok else math.nan
+            if not (ok and self.low <= x and (x < self.high if self.high_open else x <= self.high)):  # False for NaN
+                bounds = [f">= {self.low:g}"] if self.low > -math.inf else []
+                if self.high < math.inf:
+                    bounds.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+                raise ValueError(f"Invalid {LABELS.get(name, name)}: {name}={_show(value)} "
+                                 f"(must be {' and '.join(bounds) or 'a number'})")
 
-    def __str__(self) -> str:
-        parts = []
-        if self.low > -math.inf:
-            parts.append(f">= {self.low:g}")
-        if self.high < math.inf:
-            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
-        return " and ".join(parts) or "a number"
 
+NON_NEGATIVE = Range(0.0)
+UNIT_INTERVAL = Range(0.0, 1.0, high_open=True)  # [0, 1): momentum-like coefficients (betas)
 
 # torch.optim's wording for the common ones, so messages read the same as torch's
 LABELS = {"lr": "learning rate", "eps": "epsilon value", "betas": "beta parameter",
           "weight_decay": "weight_decay value", "momentum": "momentum value"}
-
-
-def at_least(low: float) -> Range:
-    return Range(low)
-
-
-def unit_interval() -> Range:
-    """[0, 1): momentum-like coefficients (betas)."""
-    return Range(0.0, 1.0, high_open=True)
 
 
 def _show(value: Any) -> str:
@@ -141,8 +131,6 @@ class RuleOptimizer(torch.optim.Optimizer):
 
     def check_fused(self, group: dict[str, Any]) -> None:
         """What the fused kernel cannot do raises, naming the argument: nothing falls back silently."""
-        from trainer.optim.fast_paths import check_fused_group
-
         if self.update_fused is None:
             raise ValueError(f"{type(self).__name__}(fused=True) is not implemented in gptlab's "
                              "optimizers; use foreach=True")
@@ -157,31 +145,34 @@ class RuleOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        """Take one optimization step; ``closure`` re-evaluates the model and returns the loss.
+
+        Each group's parameters that have a gradient are gathered with their gradients and state
+        (made on first use), then stepped together on the path the group's flags choose."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        name = type(self).__name__
         for group in self.param_groups:
-            params, grads, states = self._gather(group)
+            params, grads, states = [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:  # the update rules here are dense
+                    raise RuntimeError(f"{name} does not support sparse gradients; use torch.optim.SparseAdam, "
+                                       "or dense gradients (e.g. nn.Embedding(..., sparse=False))")
+                if torch.is_complex(p) and not self.allow_complex:
+                    raise RuntimeError(f"{name} does not support complex parameters")
+                state = self.state[p]
+                if not state:
+                    state.update(self.init_state(p, group))
+                params.append(p)
+                grads.append(p.grad)
+                states.append(state)
             if params:
                 self.update_group(group, params, grads, states)
         return loss
-
-    def _gather(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[dict]]:
-        """The parameters that have a gradient, their gradients and state (made on first use)."""
-        params, grads, states = [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            check_grad(type(self).__name__, p, self.allow_complex)
-            state = self.state[p]
-            if not state:
-                state.update(self.init_state(p, group))
-            params.append(p)
-            grads.append(p.grad)
-            states.append(state)
-        return params, grads, states
 
     def update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                      states: list[dict]) -> None:
@@ -227,23 +218,12 @@ class RuleOptimizer(torch.optim.Optimizer):
 
 # --- shared helpers ---------------------------------------------------------------------------
 
-def check_grad(optimizer: str, param: Tensor, allow_complex: bool = False) -> None:
-    """Reject gradients the update rules here do not implement, naming the optimizer."""
-    if param.grad.is_sparse:
-        raise RuntimeError(
-            f"{optimizer} does not support sparse gradients; use torch.optim.SparseAdam, or "
-            "dense gradients (e.g. nn.Embedding(..., sparse=False))"
-        )
-    if torch.is_complex(param) and not allow_complex:
-        raise RuntimeError(f"{optimizer} does not support complex parameters")
-
-
 def use_foreach(foreach: bool | None, params: list[Tensor]) -> bool:
     """Resolve ``foreach=None``.
 
     torch.optim only defaults to foreach on CUDA. We default to it on CPU as well: the foreach ops
     loop in C++, so they save the per-tensor Python dispatch of the single-tensor path, and with
-    ``cpu_pieces`` they also keep the buffers in cache (scripts/bench_optim.py, 1 thread: our
+    ``cpu_pieces`` they also keep the buffers in cache (scripts/bench/bench_optim.py, 1 thread: our
     foreach AdamW takes ~0.5x the single-tensor time on nano, ~0.35x on gpt2). Plain tensors only
     (subclasses such as DTensor may not implement foreach kernels).
     """
@@ -255,3 +235,87 @@ def use_foreach(foreach: bool | None, params: list[Tensor]) -> bool:
 def triton_interpreted() -> bool:
     """Read now (construction and every fused step), not at import."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --- fast paths: what every foreach and fused step shares ------------------------------------
+
+# Storage dtypes the fused Triton kernels handle (their math is fp32; float64 would lose precision).
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_fused_group(optimizer: str, group: dict[str, Any], unsupported: tuple[str, ...]) -> None:
+    """Reject what the fused Triton step cannot do, naming the argument: never fall back silently."""
+    if group["foreach"]:
+        raise ValueError(f"{optimizer}: fused=True and foreach=True cannot be used together; pick one")
+    for key in unsupported:
+        if group.get(key):
+            raise ValueError(f"{optimizer}(fused=True) does not support {key}=True; use foreach=True")
+    for p in group["params"]:
+        if torch.is_complex(p):
+            raise ValueError(f"{optimizer}(fused=True) does not support complex parameters; use foreach=True")
+        if p.dtype not in FUSED_DTYPES:
+            raise ValueError(
+                f"{optimizer}(fused=True) supports float32, float16 and bfloat16 parameters, "
+                f"got {p.dtype}; use foreach=True"
+            )
+        if p.device.type != "cuda" and not (triton_interpreted() and p.device.type == "cpu"):
+            raise ValueError(
+                f"{optimizer}(fused=True) needs a CUDA device (Triton kernel), got a parameter on "
+                f"{p.device}; use foreach=True (or TRITON_INTERPRET=1 to run the kernel interpreted on CPU)"
+            )
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError(f"{optimizer}(fused=True) needs Triton installed (pip install triton); use foreach=True")
+
+
+def group_by_device_dtype(*tensor_lists: list) -> dict[tuple, list[list]]:
+    """Split parallel lists by the first list's (device, dtype): foreach ops need one of each."""
+    grouped: dict[tuple, list[list]] = {}
+    for i, p in enumerate(tensor_lists[0]):
+        key = (p.device, p.dtype)
+        if key not in grouped:
+            grouped[key] = [[] for _ in tensor_lists]
+        for out, src in zip(grouped[key], tensor_lists):
+            out.append(src[i])
+    return grouped
+
+
+# Elements per piece when a CPU foreach update is run piece by piece (see ``cpu_pieces``).
+CPU_PIECE_NUMEL = 1 << 18
+
+
+def cpu_pieces(tensor_lists: list[list[Tensor]], piece_numel: int | None = None):
+    """Yield ``(lists of views, owner index per view)`` covering ``tensor_lists`` in small pieces.
+
+    Why: on CPU a foreach op is a C++ loop of ordinary kernels, so an update of k ops streams every
+    buffer through DRAM k times and allocates its temporaries for the whole model at once. Running
+    all k ops on a piece of ~256K elements keeps the piece's buffers in cache between ops and its
+    temporaries small enough to be reused by the allocator. Large contiguous tensors are split
+    into flat views; small ones are packed together. Elementwise math is unchanged, so results are
+    bit-identical. One piece when the buffers fit in cache anyway (a few pieces' worth: more
+    foreach calls would only add overhead), and on CUDA, where foreach kernels already fuse.
+    """
+    piece_numel = piece_numel or CPU_PIECE_NUMEL
+    first = tensor_lists[0]
+    if not first or first[0].device.type != "cpu" or sum(t.numel() for t in first) <= 4 * piece_numel:
+        yield tensor_lists, list(range(len(first)))
+        return
+    lists: list[list[Tensor]] = [[] for _ in tensor_lists]
+    owners: list[int] = []
+    filled = 0
+    for i in range(len(first)):
+        tensors = [tl[i] for tl in tensor_lists]
+        numel = tensors[0].numel()
+        if numel > piece_numel and all(t.is_contiguous() for t in tensors):
+            flats = [t.view(-1) for t in tensors]
+            for start in range(0, numel, piece_numel):
+                yield [[f[start : start + piece_numel]] for f in flats], [i]
+            continue
+        if filled + numel > piece_numel and owners:
+            yield lists, owners
+            lists, owners, filled = [[] for _ in tensor_lists], [], 0
+        for out, t in zip(lists, tensors):
+            out.append(t)
+        owners.append(i)
+        filled += numel
+    if owners:
+        yield lists, owners

@@ -2,8 +2,9 @@
 
 The foreach path runs ~8 elementwise ops per AdamW step, each streaming all buffers through
 memory; on a GPU this kernel does one pass. Optional: importing ``trainer.optim`` never imports
-this module (or Triton). The functions take the same lists as ``adam_multi_tensor`` /
-``lion_multi_tensor`` and launch one kernel per parameter. They need CUDA tensors, or CPU tensors
+this module (or Triton). ``adamw_fused`` / ``lion_fused`` take the parameter, gradient and state
+lists the foreach paths take (adam.py's and lion.py's ``*_fused`` call them) and launch one kernel
+per parameter. They need CUDA tensors, or CPU tensors
 under Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton is imported), which is how
 tests/test_optim.py checks them against the foreach path without a GPU.
 """

@@ -11,8 +11,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from trainer.optim import fast_paths
-from trainer.optim.base import RuleOptimizer, at_least, unit_interval
+from trainer.optim.base import NON_NEGATIVE, RuleOptimizer, UNIT_INTERVAL, cpu_pieces, group_by_device_dtype
 
 
 def lion_update(p: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float,
@@ -27,6 +26,34 @@ def lion_update(p: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float,
     m.lerp_(grad, 1 - beta2)
 
 
+# --- the multi-tensor (foreach) and fused steps, tested equal to lion_update -------------------
+
+def lion_foreach(params: list[Tensor], grads: list[Tensor], states: list[dict], *, lr: float,
+                 betas: tuple[float, float], weight_decay: float, maximize: bool) -> None:
+    """lion.lion_update over lists, per (device, dtype) bucket and CPU piece."""
+    beta1, beta2 = betas
+    exp_avgs = [s["exp_avg"] for s in states]
+    for tensors in group_by_device_dtype(params, grads, exp_avgs).values():
+        for (p, g, m), _ in cpu_pieces(tensors):
+            if maximize:
+                g = torch._foreach_neg(g)
+            update = torch._foreach_lerp(m, g, 1 - beta1)
+            torch._foreach_sign_(update)
+            if weight_decay != 0:
+                torch._foreach_mul_(p, 1 - lr * weight_decay)
+            torch._foreach_add_(p, update, alpha=-lr)
+            torch._foreach_lerp_(m, g, 1 - beta2)
+
+
+def lion_fused(params: list[Tensor], grads: list[Tensor], states: list[dict], *, lr: float,
+               betas: tuple[float, float], weight_decay: float, **_: Any) -> None:
+    """Lion in one Triton kernel per parameter."""
+    from trainer.optim import fused_triton
+
+    fused_triton.lion_fused(params, grads, [s["exp_avg"] for s in states], lr=lr, beta1=betas[0],
+                            beta2=betas[1], weight_decay=weight_decay)
+
+
 class Lion(RuleOptimizer):
     """Lion: the sign of an interpolated momentum, decoupled weight decay, one state buffer
     (``exp_avg``).
@@ -36,10 +63,10 @@ class Lion(RuleOptimizer):
     Triton kernel per parameter (CUDA, or CPU under ``TRITON_INTERPRET=1``; no maximize).
     """
 
-    RANGES = dict(lr=at_least(0), betas=unit_interval(), weight_decay=at_least(0))
+    RANGES = dict(lr=NON_NEGATIVE, betas=UNIT_INTERVAL, weight_decay=NON_NEGATIVE)
     update = staticmethod(lion_update)
-    update_foreach = staticmethod(fast_paths.lion_foreach)
-    update_fused = staticmethod(fast_paths.lion_fused)
+    update_foreach = staticmethod(lion_foreach)
+    update_fused = staticmethod(lion_fused)
     fused_unsupported = ("maximize",)
 
     def __init__(

@@ -9,7 +9,7 @@ Orthogonalizing sets every singular value of the step to about 1, so the update 
 directions of the matrix alike instead of following the few largest ones. Muon is for 2-D hidden
 weights only: embeddings, the LM head, norms and biases go in groups with ``use_muon=False``, which
 this optimizer updates with AdamW (``adamw_betas``, ``adamw_eps``, the group's lr and weight
-decay); trainer/optim/param_groups.py makes that split.
+decay); trainer/optim/groups.py makes that split.
 """
 from __future__ import annotations
 
@@ -19,9 +19,8 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from trainer.optim import fast_paths
-from trainer.optim.adam import Adam, adam_update
-from trainer.optim.base import Range, RuleOptimizer, at_least, unit_interval, use_foreach
+from trainer.optim.adam import Adam, adam_foreach, adam_update
+from trainer.optim.base import NON_NEGATIVE, Range, RuleOptimizer, UNIT_INTERVAL, use_foreach
 
 # Keller Jordan's quintic coefficients: a steep slope at 0 pushes small singular values up fast;
 # the result's singular values land in roughly [0.7, 1.2] rather than exactly 1, which trains as well.
@@ -75,8 +74,8 @@ class Muon(RuleOptimizer):
     so one optimizer (one state dict, one lr schedule) trains the whole model.
     """
 
-    RANGES = dict(lr=at_least(0), weight_decay=at_least(0), momentum=at_least(0), eps=at_least(0),
-                  ns_steps=Range(0, 99), adamw_betas=unit_interval(), adamw_eps=at_least(0))
+    RANGES = dict(lr=NON_NEGATIVE, weight_decay=NON_NEGATIVE, momentum=NON_NEGATIVE, eps=NON_NEGATIVE,
+                  ns_steps=Range(0, 99), adamw_betas=UNIT_INTERVAL, adamw_eps=NON_NEGATIVE)
     MUON_KEYS = ("lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps", "ns_steps",
                  "adjust_lr_fn")
     update = staticmethod(muon_update)
@@ -115,7 +114,7 @@ class Muon(RuleOptimizer):
                 if p.dim() != 2:
                     raise ValueError(
                         f"Muon updates 2-D parameters only, got one of shape {tuple(p.shape)}; put "
-                        "it in a group with use_muon=False (AdamW), e.g. with trainer.optim.ParamGroups(muon=['matmul'])"
+                        "it in a group with use_muon=False (AdamW), e.g. with trainer.optim.param_groups(model, wd, muon=['matmul'])"
                     )
 
     @staticmethod
@@ -134,7 +133,7 @@ class Muon(RuleOptimizer):
         adamw = dict(lr=hp["lr"], betas=hp["adamw_betas"], eps=hp["adamw_eps"], weight_decay=hp["weight_decay"],
                      amsgrad=False, maximize=False, decoupled_weight_decay=True)
         if use_foreach(None, params):
-            fast_paths.adam_foreach(params, grads, states, **adamw)
+            adam_foreach(params, grads, states, **adamw)
         else:
             for p, g, state in zip(params, grads, states):
                 adam_update(p, g, state, **adamw)

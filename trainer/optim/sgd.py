@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+import torch
 from torch import Tensor
 
-from trainer.optim import fast_paths
-from trainer.optim.base import RuleOptimizer, at_least
+from trainer.optim.base import NON_NEGATIVE, RuleOptimizer, cpu_pieces, group_by_device_dtype
 
 
 def sgd_update(p: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float, momentum: float,
@@ -30,16 +30,58 @@ def sgd_update(p: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float, 
     p.add_(grad, alpha=-lr)
 
 
+# --- the multi-tensor (foreach) step, tested equal to sgd_update -------------------------------
+
+def sgd_foreach(params: list[Tensor], grads: list[Tensor], states: list[dict], *, lr: float,
+                momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+                maximize: bool) -> None:
+    """sgd.sgd_update over lists, per (device, dtype) bucket and CPU piece."""
+    hp = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+              nesterov=nesterov, maximize=maximize)
+    if momentum != 0:
+        # a first step starts a buffer at the gradient: rare, so the rule itself does it
+        fresh = [i for i, s in enumerate(states) if "momentum_buffer" not in s]
+        for i in fresh:
+            sgd_update(params[i], grads[i], states[i], **hp)
+        if fresh:
+            rest = sorted(set(range(len(params))) - set(fresh))
+            params, grads, states = ([xs[i] for i in rest] for xs in (params, grads, states))
+    lists = [params, grads] + ([[s["momentum_buffer"] for s in states]] if momentum != 0 else [])
+    for tensors in group_by_device_dtype(*lists).values():
+        for pieces, _ in cpu_pieces(tensors):
+            _sgd_piece(*pieces, **hp)
+
+
+def _sgd_piece(p, g, bufs=None, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
+    if maximize:
+        g = torch._foreach_neg(g)  # a copy: we may now update it in place
+    if weight_decay != 0:
+        if maximize:
+            torch._foreach_add_(g, p, alpha=weight_decay)
+        else:
+            g = torch._foreach_add(g, p, alpha=weight_decay)  # never write into .grad
+    if bufs is not None:
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, g, alpha=1 - dampening)
+        if nesterov:
+            # p -= lr * (g + momentum * buf), as two in-place adds: no temporary list
+            torch._foreach_add_(p, g, alpha=-lr)
+            torch._foreach_add_(p, bufs, alpha=-lr * momentum)
+            return
+        g = bufs
+    torch._foreach_add_(p, g, alpha=-lr)
+
+
 class SGD(RuleOptimizer):
     """SGD; arguments, defaults (lr 1e-3 as in torch 2.13) and state (``momentum_buffer``, with
     momentum) as ``torch.optim.SGD``. Sparse gradients are rejected (our rules are dense);
     ``differentiable`` and ``fused`` are accepted at their defaults (there is no fused SGD kernel).
     """
 
-    RANGES = dict(lr=at_least(0), momentum=at_least(0), weight_decay=at_least(0))
+    RANGES = dict(lr=NON_NEGATIVE, momentum=NON_NEGATIVE, weight_decay=NON_NEGATIVE)
     allow_complex = True
     update = staticmethod(sgd_update)
-    update_foreach = staticmethod(fast_paths.sgd_foreach)
+    update_foreach = staticmethod(sgd_foreach)
 
     def __init__(
         self,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Tune every optimizer's lr, then replicate: the optimizer comparison in one command.
 
-    python scripts/sweep_optim_lr.py --out runs/optimizers_lr [--jobs 2] [--optims adamw,muon]
+    python scripts/bench/sweep_optim_lr.py --out runs/optimizers_lr [--jobs 2] [--optims adamw,muon]
 
 Stage 1 runs each optimizer (configs/optim/*.yaml) over a log-spaced grid of lrs, its config's lr
 times ``--grid`` (default 10^-0.5, 1, 10^0.5: half a decade apart), at the first seed. If the best lr is at an end
@@ -25,7 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def config_lr(optim: str) -> float:

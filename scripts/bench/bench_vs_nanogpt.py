@@ -2,8 +2,8 @@
 """Training tokens/s of this trainer and of nanoGPT, side by side, in alternated rounds.
 
     git clone https://github.com/karpathy/nanoGPT /tmp/nanoGPT          # any nanoGPT checkout
-    OMP_WAIT_POLICY=PASSIVE python scripts/bench_vs_nanogpt.py /tmp/nanoGPT --rounds 3 --iters 300
-    OMP_WAIT_POLICY=PASSIVE python scripts/bench_vs_nanogpt.py /tmp/nanoGPT --in-process --rounds 6
+    OMP_WAIT_POLICY=PASSIVE python scripts/bench/bench_vs_nanogpt.py /tmp/nanoGPT --rounds 3 --iters 300
+    OMP_WAIT_POLICY=PASSIVE python scripts/bench/bench_vs_nanogpt.py /tmp/nanoGPT --in-process --rounds 6
 
 Both run the same nano recipe on the same text: our Shakespeare corpus (char-level) is written
 as nanoGPT's ``train.bin`` / ``val.bin`` / ``meta.pkl`` into a scratch directory, and nanoGPT's
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12)
 OURS_LINE = re.compile(r"^\s*step\s+(\d+)/\d+")
 NANOGPT_LINE = re.compile(r"^iter (\d+): loss")
@@ -85,7 +85,11 @@ def in_process(args) -> None:
     missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=False)
     if unexpected or any(not k.endswith(".attn.bias") for k in missing):  # nanoGPT's causal-mask buffers aside
         raise SystemExit(f"the two models' parameters differ: missing {missing}, unexpected {unexpected}")
-    (x, y), = [batch for _, batch in trainer._micro_batches(0)]
+    from trainer.data import get_batch, sample_offsets
+
+    bs, block = int(trainer.cfg.batch_size), int(trainer.cfg.block_size)
+    offsets = sample_offsets(trainer.data.train, block, bs, torch.Generator().manual_seed(0))
+    x, y = get_batch(trainer.data.train, offsets, block, trainer.device)
     theirs_opt = torch.optim.AdamW(theirs.parameters(), **{k: trainer.optimizer.defaults[k]
                                                             for k in ("lr", "betas", "weight_decay")})
 
@@ -125,9 +129,9 @@ def in_process(args) -> None:
 
 def write_nanogpt_data(work: Path) -> Path:
     """Our corpus as nanoGPT's data/<name>/{train,val}.bin (uint16) + meta.pkl."""
-    from trainer.data import ShakespeareCorpus
+    from trainer.data import load_shakespeare
 
-    data = ShakespeareCorpus()
+    data = load_shakespeare()
     out = work / "data" / "gptlab_shakespeare"
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):

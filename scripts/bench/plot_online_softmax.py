@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Numbers and figures for docs/online_softmax.md: the online-softmax recurrence, step by step.
 
-    python scripts/plot_online_softmax.py                  # print the walk-through, write docs/*.png
-    python scripts/plot_online_softmax.py --out-dir /tmp   # figures elsewhere
+    python scripts/bench/plot_online_softmax.py                  # print the walk-through, write docs/*.png
+    python scripts/bench/plot_online_softmax.py --out-dir /tmp   # figures elsewhere
 
 Runs on a CPU in a few seconds; the figures need matplotlib (``pip install -e ".[plot]"``). Every
 number it prints is checked against ``kernels.online_softmax`` and ``torch.softmax`` in float64.
@@ -17,7 +17,7 @@ import torch
 
 from kernels import online_softmax
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 EXAMPLE = [1.0, 3.0, 2.0, 5.0, 0.0, 4.0, 2.0, 6.0, 1.0]  # the row the page walks through
 FP16_MAX = torch.finfo(torch.float16).max  # 65504: exp(x) overflows to inf for x > ln(65504) ~ 11.09
 

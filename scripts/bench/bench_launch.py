@@ -1,7 +1,7 @@
 """Host time vs GPU time per attention call on CUDA: is a short-T call bound by its launch?
 
-    python scripts/bench_launch.py                       # bf16, B=4, H=16, D=64, T = 512 1024 2048
-    python scripts/bench_launch.py --seq-lens 1024 --heads 12 --batch 16
+    python scripts/bench/bench_launch.py                       # bf16, B=4, H=16, D=64, T = 512 1024 2048
+    python scripts/bench/bench_launch.py --seq-lens 1024 --heads 12 --batch 16
 
 For each implementation and T, one table row per forward (no grad) and forward+backward: the
 host's milliseconds to launch one call and the GPU's milliseconds to run it, both measured with

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Bounded memory of the preparation pipeline: peak RSS and throughput at two corpus sizes.
 
-    python scripts/bench_prepare.py --dir /work/bench_data --sizes-mb 200 2000 --workers 2
+    python scripts/bench/bench_prepare.py --dir /work/bench_data --sizes-mb 200 2000 --workers 2
 
 Writes synthetic text corpora of each size into --dir (deleted at the end unless --keep), then
 prepares each with each tokenizer in a fresh subprocess (sizes alternated within a round), while a
@@ -33,7 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 BLOCK_MB = 16
@@ -46,9 +46,9 @@ BLOCK_MB = 16
 def words_and_weights():
     import re
 
-    from trainer.data import ShakespeareCorpus, default_cache_dir
+    from trainer.data import load_shakespeare, default_cache_dir
 
-    ShakespeareCorpus()  # fetches the text once
+    load_shakespeare()  # fetches the text once
     text = (default_cache_dir() / "shakespeare" / "input.txt").read_text()
     counts: dict[str, int] = {}
     for w in re.findall(r"[A-Za-z']+", text):
@@ -99,9 +99,9 @@ def make_corpus(path: Path, size_mb: int, blocks: list[str]) -> None:
 
 
 def prepare_one(source: str, out: str, tokenizer: str, tok_file: str | None, workers: int) -> None:
-    from trainer import prepare as prep
-    from trainer import sources
-    from trainer.tokenizer import TiktokenTokenizer, tokenizer_from_dict
+    from trainer.data import prepare as prep
+    from trainer.data import sources
+    from trainer.data.tokenizer import TiktokenTokenizer, tokenizer_from_dict
 
     tok = None
     if tokenizer == "tiktoken-bpe50k":
@@ -172,7 +172,7 @@ def measure(source: Path, out: Path, tokenizer: str, tok_file: str | None, worke
 
 def build_bpe50k(sample_path: Path, out: Path, vocab: int) -> str:
     """A byte-level BPE with GPT-2's vocabulary size, trained on the first 20 MB, as tiktoken."""
-    from trainer.tokenizer import BPETokenizer, save_tokenizer, tiktoken_from_bpe
+    from trainer.data.tokenizer import BPETokenizer, save_tokenizer, tiktoken_from_bpe
 
     with open(sample_path, encoding="utf-8") as f:
         sample = f.read(20_000_000)

@@ -1,7 +1,7 @@
 """Time optimizer.step() for our optimizers against torch.optim on a real model's parameter set.
 
-    python scripts/bench_optim.py --model nano,gpt2 --steps 10 --warmup 3 --rounds 3 [--threads 1]
-    python scripts/bench_optim.py --baseline /tmp/old   # also an older trainer/optim, side by side
+    python scripts/bench/bench_optim.py --model nano,gpt2 --steps 10 --warmup 3 --rounds 3 [--threads 1]
+    python scripts/bench/bench_optim.py --baseline /tmp/old   # also an older trainer/optim, side by side
 
 ``--baseline DIR`` takes a checkout (e.g. ``git archive <commit> trainer/optim | tar -x -C DIR``)
 and adds its ``old foreach`` / ``old single`` rows to the same interleaved rounds, with the ratio

@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from trainer.compare import CompareError, Group, Run, mean_std, setting, sort_rows, summarize
-from trainer.compare_table import _fmt
-from trainer.stats import welch_t_test
+from trainer.analysis.runs import CompareError, Group, Run, mean_std, setting, sort_rows, summarize
+from trainer.analysis.table import _fmt
+from trainer.analysis.stats import welch_t_test
 
 
 def run_name(run: Run, keys: Sequence[str]) -> str:

@@ -1,9 +1,9 @@
 """Benchmark attention implementations side by side: time, bytes saved for backward, peak memory.
 
-    python scripts/bench_attention.py                        # CPU fp32 / CUDA bf16, T = 128..4096
-    python scripts/bench_attention.py --plot attn.png        # also plot time and memory against T
-    TRITON_INTERPRET=1 python scripts/bench_attention.py --include-flash --seq-lens 64 128
-    python scripts/bench_attention.py --tflops               # CUDA only: TFLOP/s vs SDPA's flash backend
+    python scripts/bench/bench_attention.py                        # CPU fp32 / CUDA bf16, T = 128..4096
+    python scripts/bench/bench_attention.py --plot attn.png        # also plot time and memory against T
+    TRITON_INTERPRET=1 python scripts/bench/bench_attention.py --include-flash --seq-lens 64 128
+    python scripts/bench/bench_attention.py --tflops               # CUDA only: TFLOP/s vs SDPA's flash backend
 
 On a CPU shared with other jobs, run with OMP_WAIT_POLICY=PASSIVE (or --threads 1): spinning
 OpenMP workers that lose their core make an implementation of many small ops (online) look 10x
@@ -16,7 +16,7 @@ takes longer to launch a call than the GPU takes to run it (short T), those colu
 launching. Its "kernels" columns time the same fwd+bwd with the host taken out: the stream is
 held by a GPU spin while the calls queue behind it, as in training, where the CPU runs ahead.
 Memory is measured for every (implementation, T) point in a fresh subprocess so that its peak
-figure is its own, with trainer/runlog.py's peak-memory helpers: on CUDA
+figure is its own, with trainer/monitor.py's peak-memory helpers: on CUDA
 ``torch.cuda.max_memory_allocated`` during one forward+backward, above what was allocated before it; on CPU the process's peak RSS (VmHWM, reset through /proc/self/clear_refs) during one
 forward+backward, minus its RSS just before. Each point first runs one forward+backward at the
 measured shapes (outside the window), so one-time work such as library start-up and flash's
@@ -37,7 +37,7 @@ import time
 import torch
 
 from kernels import ATTENTION
-from trainer.runlog import peak_memory_bytes, reset_peak_memory
+from trainer.monitor import peak_memory_bytes, reset_peak_memory
 
 IMPLS = tuple(ATTENTION)  # one registry: configs/attn/*.yaml names
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Eager vs ``compile=true`` training tokens/s for each attention, side by side in alternated rounds.
 
-    OMP_WAIT_POLICY=PASSIVE python scripts/bench_compile.py --iters 300 --rounds 2
-    OMP_NUM_THREADS=1 python scripts/bench_compile.py --in-process --rounds 5   # quicker, one process
+    OMP_WAIT_POLICY=PASSIVE python scripts/bench/bench_compile.py --iters 300 --rounds 2
+    OMP_NUM_THREADS=1 python scripts/bench/bench_compile.py --in-process --rounds 5   # quicker, one process
 
 Each run is ``scripts/train.py`` (default nano recipe, periodic eval off) in a subprocess, timed
 like ``bench_vs_nanogpt.py``: from the progress line of step ``--start`` to the last one, by wall
@@ -61,7 +61,7 @@ def in_process(args) -> None:
     import torch
 
     from models import GPT, GPTConfig
-    from trainer.loop import param_groups
+    from trainer.optim import param_groups
     from trainer.optim import AdamW
 
     print(f"in one process, {torch.get_num_threads()} thread(s); {args.rounds} alternated bursts of {args.steps} "

@@ -3,7 +3,7 @@
 The policy is its own small component so that an optimizer that needs a different split (Muon:
 hidden matrices vs everything else) is chosen in its config, not by editing the training loop:
 
-    optim.param_groups._target_=trainer.optim.ParamGroups  optim.param_groups.lr_scale.embedding=0.5
+    optim.param_groups.lr_scale.embedding=0.5  optim.param_groups.decay=[matmul,head,embedding]
 
 Each trainable parameter (a tied tensor once) has a kind:
 
@@ -40,47 +40,35 @@ def parameter_kinds(model: torch.nn.Module, head_names: Iterable[str] = ("lm_hea
     return [(p, kind_of.get(id(p), "other")) for p in model.parameters() if p.requires_grad]
 
 
-class ParamGroups:
+def param_groups(model: torch.nn.Module, weight_decay: float, decay: Iterable[str] = ("matmul", "head"),
+                 lr_scale: dict[str, float] | None = None, muon: Iterable[str] = (),
+                 head_names: Iterable[str] = ("lm_head",)) -> list[dict]:
     """Split a model's parameters into optimizer groups.
 
     Args:
-        decay: kinds that get the optimizer's ``weight_decay`` (the others get 0).
+        decay: kinds that get ``weight_decay`` (the others get 0). The default decays the weights
+            of matmuls only: decay would pull rare tokens' embedding rows towards zero between
+            their rare updates, and biases and norms have no scale to regularize.
         lr_scale: lr multiple per kind (default 1); the trainer sets each group's lr to the
             schedule's lr times its ``lr_scale`` every step.
         muon: kinds Muon orthogonalizes (``use_muon=True``); the rest get ``use_muon=False`` (AdamW
             inside trainer.optim.Muon). Empty: no ``use_muon`` key (any other optimizer).
         head_names: module names of the output layer.
     """
-
-    def __init__(self, decay: Iterable[str] = ("matmul", "head"), lr_scale: dict[str, float] | None = None,
-                 muon: Iterable[str] = (), head_names: Iterable[str] = ("lm_head",)) -> None:
-        self.decay, self.muon, self.head_names = tuple(decay), tuple(muon), tuple(head_names)
-        self.lr_scale = dict(lr_scale or {})
-        for key in (*self.decay, *self.muon, *self.lr_scale):
-            if key not in KINDS:
-                raise ValueError(f"unknown parameter kind {key!r} in param_groups; kinds are {', '.join(KINDS)}")
-
-    def settings(self, kind: str, weight_decay: float) -> dict:
-        """The group keys (other than params) for parameters of ``kind``."""
-        out: dict = {"weight_decay": weight_decay if kind in self.decay else 0.0}
-        scale = float(self.lr_scale.get(kind, 1.0))
-        if scale != 1.0:
-            out["lr_scale"] = scale
-        if self.muon:
-            out["use_muon"] = kind in self.muon
-        return out
-
-    def __call__(self, model: torch.nn.Module, weight_decay: float) -> list[dict]:
-        groups: dict[tuple, dict] = {}
-        for kind in KINDS:  # group order: by kind, merging kinds with equal settings
-            settings = self.settings(kind, weight_decay)
-            groups.setdefault(tuple(sorted(settings.items())), {"params": [], **settings})
-        for p, kind in parameter_kinds(model, self.head_names):
-            groups[tuple(sorted(self.settings(kind, weight_decay).items()))]["params"].append(p)
-        return [g for g in groups.values() if g["params"]]
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """The default policy: decay the weights of matmuls only; biases, norms and embeddings are not
-    decayed (decay would pull rare tokens' rows towards zero between their rare updates)."""
-    return ParamGroups()(model, weight_decay)
+    decay, muon, lr_scale = tuple(decay), tuple(muon), dict(lr_scale or {})
+    for key in (*decay, *muon, *lr_scale):
+        if key not in KINDS:
+            raise ValueError(f"unknown parameter kind {key!r} in param_groups; kinds are {', '.join(KINDS)}")
+    groups: dict[tuple, dict] = {}
+    kinds = {}
+    for kind in KINDS:  # group order: by kind, merging kinds with equal settings
+        settings: dict = {"weight_decay": weight_decay if kind in decay else 0.0}
+        if float(lr_scale.get(kind, 1.0)) != 1.0:
+            settings["lr_scale"] = float(lr_scale[kind])
+        if muon:
+            settings["use_muon"] = kind in muon
+        kinds[kind] = key = tuple(sorted(settings.items()))
+        groups.setdefault(key, {"params": [], **settings})
+    for p, kind in parameter_kinds(model, head_names):
+        groups[kinds[kind]]["params"].append(p)
+    return [g for g in groups.values() if g["params"]]

@@ -1,9 +1,9 @@
 """Compile the flash-attention kernels for NVIDIA targets ahead of time, with no GPU present.
 
-    python scripts/flash_aot.py                 # CI's representative subset (tests/test_flash_aot.py)
-    python scripts/flash_aot.py --full --jobs 2 # every config each target may run x dtype x head dim
-    python scripts/flash_aot.py --full --table  # the same as a markdown table, worst case per cell
-    python scripts/flash_aot.py --ptxas-info    # also registers and spills (ptxas -v)
+    python scripts/bench/flash_aot.py                 # CI's representative subset (tests/test_flash_aot.py)
+    python scripts/bench/flash_aot.py --full --jobs 2 # every config each target may run x dtype x head dim
+    python scripts/bench/flash_aot.py --full --table  # the same as a markdown table, worst case per cell
+    python scripts/bench/flash_aot.py --ptxas-info    # also registers and spills (ptxas -v)
 
 Prints one JSON object per variant: {kernel, target, dtype, precision, D, causal, config,
 shared_bytes, shared_limit, fits[, n_regs, spill_bytes]}, or with ``--table`` one row per

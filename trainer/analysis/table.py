@@ -1,7 +1,7 @@
-"""Render :mod:`trainer.compare` rows as a markdown table, CSV or JSON.
+"""Render :mod:`trainer.analysis.runs` rows as a markdown table, CSV or JSON.
 
 A metric column appears when some row has a value for it: val bpb and MFU for runs that logged
-them; n (seeds), lr, p-values and time to target when :mod:`trainer.compare_best` added them.
+them; n (seeds), lr, p-values and time to target when :mod:`trainer.analysis.report` added them.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import json
 import math
 from typing import Any, Sequence
 
-from trainer.compare import MISSING, WITH_STD, _cell
+from trainer.analysis.runs import MISSING, WITH_STD, _cell
 
 # (markdown header, row key, digits). Headers with {target} / {baseline} are filled in per table.
 METRICS = [

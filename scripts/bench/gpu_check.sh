@@ -3,8 +3,8 @@
 # benchmark and GPT-2 small's MFU. Each stage has its own time limit; a failing stage does not stop
 # the others. Logs and run summaries go to OUTDIR (default gpu_check/).
 #
-#   bash scripts/gpu_check.sh                        # every stage
-#   bash scripts/gpu_check.sh OUTDIR tests bench     # chosen stages: tests headline resume sample fp16 nano bench gpt2 compile profile
+#   bash scripts/bench/gpu_check.sh                        # every stage
+#   bash scripts/bench/gpu_check.sh OUTDIR tests bench     # chosen stages: tests headline resume sample fp16 nano bench gpt2 compile profile
 set -u
 out=${1:-gpu_check}
 shift || true
@@ -82,8 +82,8 @@ if has nano; then  # nano recipe, 500 steps: flash vs sdpa in fp32 and bf16
 fi
 
 if has bench; then
-    stage bench-launch 90 python scripts/bench_launch.py  # host vs GPU time per call at short T
-    stage bench-tflops 240 env TRITON_PRINT_AUTOTUNING=1 python scripts/bench_attention.py --tflops  # + each tuning
+    stage bench-launch 90 python scripts/bench/bench_launch.py  # host vs GPU time per call at short T
+    stage bench-tflops 240 env TRITON_PRINT_AUTOTUNING=1 python scripts/bench/bench_attention.py --tflops  # + each tuning
 fi
 
 if has gpt2; then  # GPT-2 small (124M, char vocabulary), bf16, 16 x 1024 tokens per step

@@ -5,8 +5,8 @@ A run directory (``scripts/train.py``) holds ``config.yaml`` (the resolved confi
 columns are the overridden keys whose value is not the same in every run: what the user varied,
 named as they named it (``optim``, ``optim.lr``). Completed runs whose configs differ only by
 ``seed`` share a row (mean ± sample std); any other run keeps its own, so a crash never hides in
-a mean. Rendering: :mod:`trainer.compare_table`; best lr, p-values, time to target:
-:mod:`trainer.compare_best`; plots: :mod:`trainer.compare_plots`.
+a mean. Rendering: :mod:`trainer.analysis.table`; best lr, p-values, time to target:
+:mod:`trainer.analysis.report`; plots: :mod:`trainer.analysis.plots`.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import numpy as np
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing import event_accumulator
 
+from trainer.config import flatten as flatten_config
 from trainer.errors import UserError
 
 MISSING = "-"
@@ -130,11 +131,9 @@ def discover_runs(root: Path) -> list[Path]:
     return found
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Any) -> dict[str, Any]:
     """``{"optim": {"lr": 1e-3}}`` -> ``{"optim.lr": 1e-3}``; lists become tuples so values hash."""
-    if isinstance(tree, dict):
-        return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: _hashable(tree)}
+    return {k: _hashable(v) for k, v in flatten_config(tree).items()}
 
 
 def _hashable(value: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Plots for :mod:`trainer.compare`: val loss against step and wall time, throughput and memory,
+"""Plots for :mod:`trainer.analysis.runs`: val loss against step and wall time, throughput and memory,
 and (with ``best_by``) final val loss against lr, one line per component.
 
 Matplotlib is an optional extra (``pip install -e '.[plot]'``), imported only by :func:`write_plots`.
@@ -11,9 +11,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from trainer.compare import CompareError, Group, mean_std
-from trainer.compare_best import final_loss, group_lr
-from trainer.compare_table import _fmt
+from trainer.analysis.runs import CompareError, Group, mean_std
+from trainer.analysis.report import final_loss, group_lr
+from trainer.analysis.table import _fmt
 
 MATPLOTLIB_HINT = "matplotlib is not installed: pip install -e '.[plot]'"
 

@@ -16,7 +16,6 @@ A prepared directory holds ``train_NNNNNN.bin`` and ``val_NNNNNN.bin`` shards (F
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 # (magic, version) -> token dtype, as llm.c's dev/data/data_common.py defines them
 FORMATS = {(20240520, 1): np.dtype(np.uint16), (20240801, 7): np.dtype(np.uint32)}
-_BY_DTYPE = {dtype: key for key, dtype in FORMATS.items()}
+_BY_DTYPE = {np.dtype(np.uint16): (20240520, 1), np.dtype(np.uint32): (20240801, 7)}
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
@@ -43,72 +42,11 @@ def header_for(dtype: np.dtype, n_tokens: int) -> np.ndarray:
     return header
 
 
-class ShardWriter:
-    """Appends token arrays to ``<prefix>_NNNNNN.bin`` shards of at most ``shard_tokens`` tokens.
-
-    A shard is written to ``<name>.tmp`` and renamed when complete, with its final header, so a
-    crash never leaves a file that looks like a finished shard. Memory use is one token array.
-    """
-
-    def __init__(self, directory: Path, prefix: str, dtype: np.dtype, vocab_size: int, shard_tokens: int):
-        if shard_tokens < 1:
-            raise DataError(f"shard_tokens={shard_tokens} must be at least 1")
-        self.directory, self.prefix, self.dtype = Path(directory), prefix, np.dtype(dtype)
-        self.vocab_size, self.shard_tokens = int(vocab_size), int(shard_tokens)
-        if self.vocab_size > np.iinfo(self.dtype).max + 1:
-            raise DataError(
-                f"a vocabulary of {self.vocab_size} tokens does not fit in {self.dtype.name} shards "
-                f"(ids up to {np.iinfo(self.dtype).max}); use uint32 for vocabularies over 65,536 tokens"
-            )
-        self.paths: list[Path] = []
-        self.total = 0
-        self._file, self._count = None, 0
-
-    def write(self, ids: np.ndarray) -> None:
-        if len(ids) and int(ids.max()) >= self.vocab_size:
-            raise DataError(f"token id {int(ids.max())} is outside the vocabulary of {self.vocab_size} tokens")
-        ids = np.asarray(ids).astype(self.dtype, copy=False)
-        while len(ids):
-            if self._file is None:
-                self._open()
-            take = min(len(ids), self.shard_tokens - self._count)
-            self._file.write(ids[:take].tobytes())
-            self._count += take
-            self.total += take
-            ids = ids[take:]
-            if self._count == self.shard_tokens:
-                self._close()
-
-    def close(self) -> list[Path]:
-        if self._file is not None:
-            self._close()
-        return self.paths
-
-    def _open(self) -> None:
-        self._path = self.directory / f"{self.prefix}_{len(self.paths):06d}.bin"
-        self._file = open(str(self._path) + ".tmp", "wb")
-        self._file.write(header_for(self.dtype, 0).tobytes())  # rewritten with the count on close
-        self._count = 0
-
-    def _close(self) -> None:
-        f, self._file = self._file, None
-        f.seek(0)
-        f.write(header_for(self.dtype, self._count).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        os.replace(str(self._path) + ".tmp", self._path)
-        self.paths.append(self._path)
-
-
 def write_shard(path: Path, ids: np.ndarray, dtype=np.uint16) -> None:
     """One complete shard (tests and small tools; the pipeline streams through ``ShardWriter``)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header_for(np.dtype(dtype), len(ids)).tobytes())
-        f.write(np.asarray(ids).astype(dtype).tobytes())
-    os.replace(tmp, path)
+    from trainer.rundir import atomic_write
+
+    atomic_write(path, header_for(np.dtype(dtype), len(ids)).tobytes() + np.asarray(ids).astype(dtype).tobytes())
 
 
 def read_shard(path: Path) -> np.ndarray:
@@ -220,20 +158,3 @@ class Tokens:
                 raise IndexError(f"window at {g} crosses the end of shard {s}")
             out[i] = row
         return out
-
-
-def as_tokens(ids) -> Tokens:
-    return ids if isinstance(ids, Tokens) else Tokens([np.asarray(ids)])
-
-
-def sample_window_starts(ids, block_size: int, count: int, generator):
-    """``count`` random window starts (a torch int64 tensor), uniform over every window that fits
-    inside one shard; ``generator`` is a seeded ``torch.Generator``."""
-    import torch  # here, not at the top: tokenizing workers import this module and need no torch
-
-    tokens = as_tokens(ids)
-    n = tokens.num_windows(block_size)
-    if n < 1:
-        raise DataError(f"block_size={block_size} is too large for a split of {len(tokens)} tokens; use a smaller block_size")
-    index = torch.randint(n, (count,), generator=generator).numpy()
-    return torch.from_numpy(tokens.window_starts(index, block_size).astype(np.int64))

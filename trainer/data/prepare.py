@@ -7,45 +7,95 @@ The main process reads the source and writes shards; ``workers`` processes token
 not grow with the corpus. Results come back in source order, so the shards are the same for any
 number of workers.
 
-The output directory gets ``train_NNNNNN.bin``/``val_NNNNNN.bin`` shards (trainer/shards.py),
+The output directory gets ``train_NNNNNN.bin``/``val_NNNNNN.bin`` shards (trainer/data/shards.py),
 ``tokenizer.json`` (this project's serialized tokenizer) and ``meta.json``, written last: a
 directory without ``meta.json`` is unfinished, and preparing it again starts it over.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import multiprocessing as mp
 import os
-import sys
 import time
 from collections import deque
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from trainer.data import INCOMPLETE, check_settings, directory_lock, finished_meta, preparation_settings, stat_key, sources
+from trainer.data.shards import dtype_for_vocab, header_for
+from trainer.data.sources import CHUNK_BYTES, Piece
 from trainer.errors import DataError
-from trainer.shards import ShardWriter, dtype_for_vocab
-from trainer.sources import CHUNK_BYTES, Piece
-from trainer.tokenizer import BPETokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer, save_tokenizer, tokenizer_from_dict
+from trainer.rundir import atomic_write
+from trainer.data.tokenizer import BPETokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer, save_tokenizer, tokenizer_from_dict
 
 FORMAT = "gptlab-shards/1"
-TOKENIZERS = ("char", "bpe", "gpt2")
-INCOMPLETE = ".incomplete"
 SMALL_SOURCE = 16 << 20  # below this many bytes, worker start-up costs more than it saves
 
 
-def check_settings(tokenizer: str, vocab_size: int | None, val_fraction: float, tokenizer_path: str | None) -> None:
-    """Reject bad settings before anything is written or cached."""
-    if tokenizer_path is None and tokenizer not in TOKENIZERS:
-        raise DataError(f"data.tokenizer={tokenizer!r} is not supported; use one of {', '.join(TOKENIZERS)} "
-                        "or data.tokenizer_path=/path/to/tokenizer.json")
-    if not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
-        raise DataError(f"data.val_fraction={val_fraction} must be a number between 0 and 1 (e.g. 0.1)")
-    if vocab_size is not None and tokenizer != "bpe":
-        raise DataError(f"data.vocab_size={vocab_size} only applies to data.tokenizer=bpe; remove it or use bpe")
+
+
+# ---------------------------------------------------------------------------------------------
+# shards
+
+
+class ShardWriter:
+    """Appends token arrays to ``<prefix>_NNNNNN.bin`` shards of at most ``shard_tokens`` tokens.
+
+    A shard is written to ``<name>.tmp`` and renamed when complete, with its final header, so a
+    crash never leaves a file that looks like a finished shard. Memory use is one token array.
+    """
+
+    def __init__(self, directory: Path, prefix: str, dtype: np.dtype, vocab_size: int, shard_tokens: int):
+        if shard_tokens < 1:
+            raise DataError(f"shard_tokens={shard_tokens} must be at least 1")
+        self.directory, self.prefix, self.dtype = Path(directory), prefix, np.dtype(dtype)
+        self.vocab_size, self.shard_tokens = int(vocab_size), int(shard_tokens)
+        if self.vocab_size > np.iinfo(self.dtype).max + 1:
+            raise DataError(
+                f"a vocabulary of {self.vocab_size} tokens does not fit in {self.dtype.name} shards "
+                f"(ids up to {np.iinfo(self.dtype).max}); use uint32 for vocabularies over 65,536 tokens"
+            )
+        self.paths: list[Path] = []
+        self.total = 0
+        self._file, self._count = None, 0
+
+    def write(self, ids: np.ndarray) -> None:
+        if len(ids) and int(ids.max()) >= self.vocab_size:
+            raise DataError(f"token id {int(ids.max())} is outside the vocabulary of {self.vocab_size} tokens")
+        ids = np.asarray(ids).astype(self.dtype, copy=False)
+        while len(ids):
+            if self._file is None:
+                self._open()
+            take = min(len(ids), self.shard_tokens - self._count)
+            self._file.write(ids[:take].tobytes())
+            self._count += take
+            self.total += take
+            ids = ids[take:]
+            if self._count == self.shard_tokens:
+                self._close()
+
+    def close(self) -> list[Path]:
+        if self._file is not None:
+            self._close()
+        return self.paths
+
+    def _open(self) -> None:
+        self._path = self.directory / f"{self.prefix}_{len(self.paths):06d}.bin"
+        self._file = open(str(self._path) + ".tmp", "wb")
+        self._file.write(header_for(self.dtype, 0).tobytes())  # rewritten with the count on close
+        self._count = 0
+
+    def _close(self) -> None:
+        f, self._file = self._file, None
+        f.seek(0)
+        f.write(header_for(self.dtype, self._count).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(str(self._path) + ".tmp", self._path)
+        self.paths.append(self._path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,9 +238,7 @@ def prepare(pieces_fn: Callable[[], Iterator[Piece]], out: str | os.PathLike, se
         save_tokenizer(tok, out / "tokenizer.json")
         meta = {"settings": settings, "tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
                 "dtype": dtype_for_vocab(tok.vocab_size).name, **counts}
-        tmp = out / "meta.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, out / "meta.json")  # written last: marks the directory complete
+        atomic_write(out / "meta.json", json.dumps(meta, indent=1))  # written last: marks the directory complete
         (out / INCOMPLETE).unlink(missing_ok=True)
     return out
 
@@ -240,14 +288,6 @@ def _separate(pieces: Iterator[Piece], tok: Tokenizer) -> Iterator[Piece]:
 # the output directory
 
 
-def finished_meta(out: Path) -> dict | None:
-    path = out / "meta.json"
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise DataError(f"{path} is not valid JSON; delete {out} and prepare it again") from None
 
 
 def _start_fresh(out: Path) -> None:
@@ -264,22 +304,6 @@ def _start_fresh(out: Path) -> None:
     marker.write_text("preparation in progress or interrupted; preparing again starts over\n")
 
 
-@contextmanager
-def directory_lock(out: Path, waiting_message: bool = True):
-    """An exclusive lock per output directory: concurrent preparations (DDP ranks, sweeps) of the
-    same data wait for the first one and then read its result. The lock never times out."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if waiting_message:
-                print(f"waiting for another process to finish preparing {out} ...", file=sys.stderr, flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _bar(progress: bool, total: int | None, desc: str):
@@ -293,3 +317,41 @@ def _diff(old: dict | None, new: dict) -> str:
     old = old or {}
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys) or "unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+
+
+def prepare_files(path, out, *, tokenizer="char", vocab_size=None, tokenizer_path=None, val_fraction=0.1,
+                  text_field="text", bpe_sample_bytes=100_000_000, shard_tokens=100_000_000, workers=None,
+                  progress=True) -> Path:
+    """Text / JSONL / Parquet files (a file, a directory or a glob) -> prepared directory ``out``."""
+    files = sources.expand_paths(path)
+    kind = sources.source_kind(files)
+    record = preparation_settings(tokenizer, vocab_size, tokenizer_path, val_fraction, bpe_sample_bytes, shard_tokens,
+                      text_field if kind != "text" else None)
+    record["source"] = {"kind": kind, "files": stat_key(files)}
+    total = sum(f.stat().st_size for f in files)
+
+    def pieces():
+        if kind == "text":
+            return sources.text_pieces(files, val_fraction)
+        records = sources.jsonl_records(files, text_field) if kind == "jsonl" else sources.parquet_records(files, text_field)
+        return sources.record_pieces(records, val_fraction)
+
+    return prepare(pieces, out, record, total_bytes=total, workers=workers, progress=progress)
+
+
+def prepare_hf(name, out, *, config=None, split="train", data_files=None, tokenizer="gpt2", vocab_size=None,
+               tokenizer_path=None, val_fraction=0.0005, text_field="text", bpe_sample_bytes=100_000_000,
+               shard_tokens=100_000_000, workers=None, progress=True) -> Path:
+    """A Hugging Face dataset, streamed with ``datasets`` -> prepared directory ``out``."""
+    record = preparation_settings(tokenizer, vocab_size, tokenizer_path, val_fraction, bpe_sample_bytes, shard_tokens, text_field)
+    record["source"] = {"kind": "hf", "name": name, "config": config, "split": split,
+                        "data_files": [str(f) for f in data_files] if data_files else None}
+
+    def pieces():
+        return sources.record_pieces(sources.hf_records(name, config, split, text_field, data_files), val_fraction)
+
+    return prepare(pieces, out, record, workers=workers, progress=progress)

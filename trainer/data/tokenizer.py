@@ -29,11 +29,11 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 class CharTokenizer:
     """One token per Unicode character seen in the corpus."""
 
-    kind = "char"
+    kind = name = "char"
     eot_id = None
 
     def __init__(self, chars: str):
-        self.chars = chars
+        self.chars, self.vocab_size = chars, len(chars)
         self._stoi = {c: i for i, c in enumerate(chars)}
         # sorted code points let encode() vectorize with searchsorted (ids need not be in code order:
         # nanoGPT's meta.pkl may number characters in any order)
@@ -45,13 +45,6 @@ class CharTokenizer:
     def train(cls, text: str) -> "CharTokenizer":
         return cls("".join(sorted(set(text))))
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self.chars)
-
-    @property
-    def name(self) -> str:
-        return "char"
 
     def encode(self, text: str) -> list[int]:
         return self.encode_array(text).tolist()
@@ -67,7 +60,7 @@ class CharTokenizer:
         return self._order[ids].astype(np.int64)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return "".join(self.chars[i] for i in ids)
+        return "".join([self.chars[i] for i in ids])
 
     def token_bytes(self) -> np.ndarray:
         return np.array([len(c.encode("utf-8")) for c in self.chars], dtype=np.int64)

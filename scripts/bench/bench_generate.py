@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Sampling tokens/s with and without the KV cache, side by side in alternated rounds.
 
-    OMP_WAIT_POLICY=PASSIVE python scripts/bench_generate.py --tokens 500 --rounds 3
+    OMP_WAIT_POLICY=PASSIVE python scripts/bench/bench_generate.py --tokens 500 --rounds 3
 
 Models (random weights: speed does not depend on them): the nano model (4 layers, 128 wide,
 context 64) and a 6-layer 384-wide model (nanoGPT's shakespeare-char shape) at context 256 and
