@@ -62,7 +62,7 @@ def _prepare_argv() -> bool:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
-    if any(a.startswith("hydra.output_subdir=") for a in sys.argv):
+    if [a for a in sys.argv if a.startswith("hydra.output_subdir=")]:
         return False
     sys.argv.append("hydra.output_subdir=null")
     return True

@@ -102,7 +102,13 @@ class Trainer:
         self.last_eval: dict | None = None  # the latest eval's losses, saved with the checkpoint
         self.good_checkpoint: Path | None = None  # what a divergence falls back to
         notes = self._restore(state, resume_from) if state is not None else []
-        self.monitor = self._open_outputs()
+        try:  # the outputs: config.yaml, then the monitor's TensorBoard writer, summary.json and log
+            if self.dist.is_main:
+                OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
+            self.monitor = Monitor(self.run_dir, int(cfg.max_iters), self.overrides, self.device, self.iteration,
+                                   write=self.dist.is_main)
+        except OSError as e:
+            raise OutputError(f"cannot write the run's records in {self.run_dir}: {os_reason(e)}") from e
         if state is not None:
             self.monitor.message(f"resumed from {resume_from} at step {self.iteration} with the run's saved config; "
                                  + ("changed: " + ", ".join(changes) if changes else "no settings changed"))
@@ -138,15 +144,6 @@ class Trainer:
         self.last_eval = state.get("eval")
         self.good_checkpoint = Path(path)  # never written by this run until it saves its own
         return notes
-
-    def _open_outputs(self) -> Monitor:
-        try:
-            if self.dist.is_main:
-                OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
-            return Monitor(self.run_dir, int(self.cfg.max_iters), self.overrides, self.device, self.iteration,
-                           write=self.dist.is_main)
-        except OSError as e:
-            raise OutputError(f"cannot write the run's records in {self.run_dir}: {os_reason(e)}") from e
 
     # ------------------------------------------------------------------------------------------
     # the loop
@@ -317,7 +314,7 @@ class Trainer:
         it = self.iteration
         self.check_state()  # before evaluating; evaluation does not change what is then saved
         losses = self.evaluate()
-        if not all(math.isfinite(v) for v in losses.values() if v is not None):  # blown-up weights: not worth keeping
+        if not math.isfinite(losses["val"] + losses["train"]):  # finite but blown-up weights: not worth keeping
             raise self._diverged(f"eval loss became {losses['val']:g} (val), {losses['train']:g} (train) at step {it}")
         improved = losses["val"] < self.best_val_loss
         self.best_val_loss = min(self.best_val_loss, losses["val"])
@@ -382,7 +379,7 @@ class Trainer:
         flags: dict[torch.device, list[torch.Tensor]] = {}  # step counters live on the CPU, weights maybe not
         for t in tensors:
             flags.setdefault(t.device, []).append(torch.isfinite(t).all())
-        if not all(bool(torch.stack(f).all()) for f in flags.values()):  # one read per device
+        if not all([bool(torch.stack(f).all()) for f in flags.values()]):  # one read per device
             raise self._diverged(f"weights or optimizer state became non-finite by step {self.iteration}")
 
     def _diverged(self, what: str) -> TrainingError:

@@ -6,7 +6,7 @@ low-precision dtype. fp16's narrow exponent range needs dynamic loss scaling; bf
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,14 +20,12 @@ class Precision:
     name: str = "fp32"
     init_scale: float = 2.0**16
     growth_interval: int = 2000
+    dtype: torch.dtype = field(init=False)  # the autocast dtype the name stands for
 
     def __post_init__(self) -> None:
         if self.name not in _DTYPES:
             raise ValueError(f"precision.name={self.name!r} is not one of {sorted(_DTYPES)}")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return _DTYPES[self.name]
+        self.dtype = _DTYPES[self.name]
 
     def autocast(self, device: torch.device):
         """Context manager running the forward pass in the low-precision dtype (no-op for fp32)."""

@@ -91,8 +91,13 @@ class RunDir:
             raise OutputError(f"cannot create run directory {path}: {os_reason(e)}; choose another directory") from e
         self._lock()
         try:
-            self.resume_from = resume_path(resume, self.path)
-            found = self._run_files()
+            self.resume_from = resume_path(resume, self.path) if resume not in (False, None, "false", "") else None
+            for name in (LAST, BEST):  # a directory where a checkpoint goes would fail only at the first save
+                if (self.path / name).is_dir():
+                    raise OutputError(f"{self.path / name} is a directory, but a checkpoint is written there; "
+                                      "remove or rename it")
+            found = [name for name in (LAST, BEST) if (self.path / name).exists()]  # what makes it hold a run
+            found += sorted([p.name for p in self.path.glob("events.out.tfevents.*")])
             continuing = self.resume_from is not None and self.resume_from.resolve().parent == self.path.resolve()
             if found and not continuing:
                 self._refuse_or_clear(found, overwrite)
@@ -118,15 +123,6 @@ class RunDir:
                               "wait for it to finish or stop it, or use another directory") from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
-
-    def _run_files(self) -> list[str]:
-        """The files that make the directory hold a run: checkpoints and TensorBoard event files."""
-        for name in (LAST, BEST):  # a directory where a checkpoint goes would fail only at the first save
-            if (self.path / name).is_dir():
-                raise OutputError(f"{self.path / name} is a directory, but a checkpoint is written there; "
-                                  "remove or rename it")
-        found = [name for name in (LAST, BEST) if (self.path / name).exists()]
-        return found + sorted([p.name for p in self.path.glob("events.out.tfevents.*")])
 
     def _refuse_or_clear(self, found: list[str], overwrite: bool) -> None:
         if not overwrite:

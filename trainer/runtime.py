@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -31,14 +31,12 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    enabled: bool = field(init=False)
+    is_main: bool = field(init=False)
 
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    def __post_init__(self):
+        object.__setattr__(self, "enabled", self.world_size > 1)  # frozen: set once, here
+        object.__setattr__(self, "is_main", self.rank == 0)
 
 
 def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch.device:

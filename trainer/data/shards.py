@@ -105,13 +105,10 @@ class Tokens:
 
     def __post_init__(self):
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # (n_shards + 1,)
+        self.dtype = self.shards[0].dtype
 
     def __len__(self) -> int:
         return int(self.starts[-1])
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.shards[0].dtype
 
     def __array__(self, dtype=None, copy=None):  # np.asarray(tokens): the whole split (small splits, tests)
         out = np.concatenate([np.asarray(s) for s in self.shards])

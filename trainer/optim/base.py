@@ -72,7 +72,7 @@ def plain(value: Any) -> Any:
     """Tuples of floats for lists, so a Hydra ListConfig never reaches a state dict (weights_only
     loads reject it)."""
     if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
-        return tuple(plain(v) for v in value)
+        return tuple([plain(v) for v in value])
     return value
 
 
@@ -229,7 +229,7 @@ def use_foreach(foreach: bool | None, params: list[Tensor]) -> bool:
     """
     if foreach is not None:
         return foreach
-    return all(type(p) in (Tensor, torch.nn.Parameter) for p in params)
+    return {type(p) for p in params} <= {Tensor, torch.nn.Parameter}
 
 
 def triton_interpreted() -> bool:
@@ -296,7 +296,7 @@ def cpu_pieces(tensor_lists: list[list[Tensor]], piece_numel: int | None = None)
     """
     piece_numel = piece_numel or CPU_PIECE_NUMEL
     first = tensor_lists[0]
-    if not first or first[0].device.type != "cpu" or sum(t.numel() for t in first) <= 4 * piece_numel:
+    if not first or first[0].device.type != "cpu" or sum([t.numel() for t in first]) <= 4 * piece_numel:
         yield tensor_lists, list(range(len(first)))
         return
     lists: list[list[Tensor]] = [[] for _ in tensor_lists]
