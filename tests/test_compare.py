@@ -20,6 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 from trainer.analysis import runs as cmp
+from trainer.analysis.report import compare
 from trainer.analysis.plots import _aligned
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +131,7 @@ def grid(tmp_path):
 
 def test_grid_groups_seeds_and_matches_numpy(grid):
     root, curves = grid
-    groups, rows, keys = cmp.compare(root)
+    groups, rows, keys = compare(root)
     assert keys == ["attn", "optim"]  # the overridden keys that vary; seed is the replicate axis
     assert len(rows) == 4
     grouped = next(r for r in rows if r["n"] == 2)
@@ -205,12 +206,12 @@ def test_columns_are_the_overrides_that_vary(tmp_path, capsys):
     root = tmp_path / "runs"
     optim_run(root, "optim=adamw", "adamw")
     optim_run(root, "optim=sgd", "sgd", seed=1)
-    groups, rows, keys = cmp.compare(root)
+    groups, rows, keys = compare(root)
     # not optim.lr, optim.betas, learning_rate ... (consequences of the choice), nor eval_interval
     # (the same in every run), nor seed (the replicate axis)
     assert keys == ["optim"]
     assert {r["run"]: r["config"]["optim"] for r in rows} == {"optim=adamw": "adamw", "optim=sgd": "sgd"}
-    _, _, every = cmp.compare(root, all_keys=True)
+    _, _, every = compare(root, all_keys=True)
     assert {"optim", "optim._target_", "optim.lr", "optim.betas", "optim.momentum", "learning_rate"} <= set(every)
     assert load_script().main([str(root), "--all-keys"]) == 0
     header = capsys.readouterr().out.splitlines()[0]
@@ -220,7 +221,7 @@ def test_columns_are_the_overrides_that_vary(tmp_path, capsys):
     # lr overridden in one run and max_iters in another: columns, with every run's own value
     optim_run(root, "optim=adamw,optim.lr=0.003", "adamw", lr=3e-3, extra=["optim.lr=0.003"])
     optim_run(root, "optim=sgd,max_iters=50", "sgd", max_iters=50, extra=["max_iters=50"])
-    _, rows, keys = cmp.compare(root)
+    _, rows, keys = compare(root)
     assert keys == ["optim", "optim.lr", "max_iters"]
     assert len(rows) == 4
     settings = sorted(tuple(r["config"].values()) for r in rows)
@@ -239,7 +240,7 @@ def test_crashed_and_failed_runs_are_reported_not_averaged(tmp_path, capsys):
              done(status="failed", step=5, error="RuntimeError: boom", tokens_per_sec=None))
     make_run(root, "no_summary", make_config("naive", "adamw", seed=3), {"train/loss": [(0, 3.0), (3, 3.0)]})
 
-    _, rows, _ = cmp.compare(root)
+    _, rows, _ = compare(root)
     assert len(rows) == 4  # nothing merged into the completed run, nothing dropped
     status = {r["run"]: r["status"] for r in rows}
     assert status == {"ok": "completed", "killed": "incomplete (step 37/100)",
@@ -263,7 +264,7 @@ def test_different_tags_and_missing_val_loss(tmp_path, capsys):
     make_run(root, "bf16", make_config(precision={"name": "bf16"}),
              {"train/loss": [(0, 3.0)], "memory/peak_bytes": [(0, 2.0**21), (5, 2.0**22)]},
              {"status": "running", "step": 0, "max_iters": 100}, overrides=["precision=bf16"])
-    _, rows, keys = cmp.compare(root)
+    _, rows, keys = compare(root)
     assert keys == ["precision"]  # the run without the override shows its group choice: fp32
     assert [r["config"]["precision"] for r in rows] == ["fp16", "fp32", "bf16"]
     assert [r["run"] for r in rows] == ["fp16", "fp32", "bf16"]  # no val loss sorts last
@@ -316,7 +317,7 @@ def test_plots_are_png(grid, tmp_path, capsys):
 
 def test_elapsed_time_is_relative_to_run_start(grid):
     root, curves = grid
-    groups, _, _ = cmp.compare(root)
+    groups, _, _ = compare(root)
     group = next(g for g in groups if len(g.runs) == 2)
     steps, times, losses = _aligned(group)
     np.testing.assert_array_equal(steps, [25, 50, 75, 100])
@@ -503,7 +504,7 @@ def test_bpb_and_mfu_columns_only_when_logged(tmp_path, capsys):
     # the data pipeline's summary key for the last eval's bpb is val_bpb: read as the final one
     make_run(root, "new_no_events", make_config("sdpa", max_iters=50), {}, done(val_bpb=3.0, best_val_bpb=2.9),
              overrides=["attn=sdpa", "max_iters=50"])
-    _, rows, _ = cmp.compare(root)
+    _, rows, _ = compare(root)
     assert rows[-1]["run"] == "new_no_events"  # no val loss: last
     assert (rows[-1]["final_val_bpb"], rows[-1]["best_val_bpb"]) == (3.0, 2.9)
     new, old, running = rows[:3]
@@ -631,10 +632,12 @@ def test_real_two_by_two_sweep(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("experiment, group, options", [
-    ("optimizers", "optim", ["sgd", "adam", "adamw", "lion"]),
+    ("optimizers", "optim", None),  # the preset names none by hand: every configs/optim/*.yaml
     ("precision", "precision", ["fp32", "bf16", "fp16"]),
 ])
 def test_experiment_configs_sweep_existing_options(experiment, group, options):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     from hydra import compose, initialize_config_dir
 
     from trainer.config import register_resolvers
@@ -645,7 +648,13 @@ def test_experiment_configs_sweep_existing_options(experiment, group, options):
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=[f"+experiment={experiment}", "max_iters=7"],
                       return_hydra_config=True)
-    assert cfg.hydra.sweeper.params == {group: ",".join(options)}
+    every = sorted(p.stem for p in (REPO / "configs" / group).glob("*.yaml"))
+    swept = OverridesParser.create().parse_override(f"{group}={cfg.hydra.sweeper.params[group]}").value()
+    if options is None:
+        assert swept.filter(every) == every and {"sgd", "adamw", "lion", "muon"} <= set(every)
+        options = every
+    else:
+        assert cfg.hydra.sweeper.params == {group: ",".join(options)}
     assert cfg.max_iters == 7  # run size stays an ordinary, overridable top-level key
     for option in options:
         assert (REPO / "configs" / group / f"{option}.yaml").is_file()

@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from kernels import naive_attention
 from models import GPT, GPTConfig
-from trainer import mfu
+from trainer import monitor as mfu
 
 
 def nano(**kw):
@@ -217,7 +217,7 @@ def test_remeasuring_replaces_the_cached_calibration(tmp_path):
 def test_training_run_heals_a_polluted_calibration(tmp_path, tiny_overrides, monkeypatch):
     from test_trainer import make as make_trainer
 
-    from trainer import mfu as mfu_module
+    from trainer import monitor as mfu_module
 
     monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "gptlab"))
     real = mfu_module.cpu_peak_flops

@@ -346,3 +346,22 @@ def test_resume_config_rules():
     assert cfg.device == "cpu" and changes == []
     with pytest.raises(ConfigError, match="cannot be applied on resume"):
         resume_config(saved, compose_cfg(["+experiment=optimizers"]), ["+experiment=optimizers"])
+
+
+def test_a_checkpoint_from_before_the_redesign_resumes(tmp_path, tiny_overrides):
+    """Checkpoints saved by the earlier layout name components by their old ``_target_``s (schedule
+    classes, ``TextCorpus``, ``ParamGroups``, ``kernels.sdpa_attention``): resume builds today's."""
+    base = tiny_overrides + ["max_iters=2"] + QUIET
+    make(tmp_path, base).fit()
+    path = tmp_path / "run" / ckpt.LAST
+    state = torch.load(path, weights_only=True)
+    state["config"]["schedule"] = {k: v for k, v in state["config"]["schedule"].items() if k != "_partial_"}
+    state["config"]["schedule"]["_target_"] = "trainer.schedule.WarmupCosine"
+    state["config"]["data"]["_target_"] = "trainer.data.TextCorpus"
+    state["config"]["attn"]["_target_"] = "kernels.sdpa_attention"
+    groups = state["config"]["optim"]["param_groups"]
+    groups.pop("_partial_")
+    groups["_target_"] = "trainer.optim.ParamGroups"
+    torch.save(state, path)
+    t = make(tmp_path, tiny_overrides + ["max_iters=4", "resume=true"] + QUIET)
+    assert t.iteration == 2 and t.fit()["step"] == 4

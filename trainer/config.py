@@ -191,6 +191,31 @@ def merge_overrides(saved: list[str], new: list[str]) -> list[str]:
     return [o for o in saved if override_key(o) not in replaced] + new
 
 
+# ``_target_``s that an earlier version of this trainer saved in its checkpoints' configs, and what
+# builds the same component now (partial: the new target is a function bound with ``_partial_``)
+RETIRED_TARGETS = {
+    "trainer.schedule.WarmupCosine": ("trainer.schedule.cosine", True),
+    "trainer.schedule.WarmupStableDecay": ("trainer.schedule.wsd", True),
+    "trainer.schedule.Constant": ("trainer.schedule.constant", True),
+    "trainer.data.ShakespeareCorpus": ("trainer.data.load_shakespeare", False),
+    "trainer.data.TextCorpus": ("trainer.data.load_text", False),
+    "trainer.data.TokenCorpus": ("trainer.data.load_tokens", False),
+    "trainer.optim.ParamGroups": ("trainer.optim.param_groups", True),
+}
+
+
+def upgrade_saved_config(tree):
+    """A saved config with every retired ``_target_`` replaced by today's (in place; returned)."""
+    if isinstance(tree, dict):
+        if tree.get("_target_") in RETIRED_TARGETS:
+            tree["_target_"], partial = RETIRED_TARGETS[tree["_target_"]]
+            if partial:
+                tree["_partial_"] = True
+        for value in tree.values():
+            upgrade_saved_config(value)
+    return tree
+
+
 def resume_config(saved: dict, composed, overrides: list[str]) -> tuple:
     """The config a resumed run continues with, and the settings that differ from the saved run.
 
@@ -200,6 +225,7 @@ def resume_config(saved: dict, composed, overrides: list[str]) -> tuple:
     follow a changed key by interpolation (``lr_decay_iters: ${max_iters}``) when the saved run had
     them following too. Returns ``(config, ["key: old -> new", ...])``.
     """
+    saved = upgrade_saved_config(saved)
     base = OmegaConf.create(saved)
     changed = set()
     for override in overrides:

@@ -1,36 +1,26 @@
 """The training loop: ``Trainer(cfg, run_dir).fit()``, read top to bottom like nanoGPT's train.py.
 
-``__init__`` builds the run from a resolved config (Hydra composes it in ``scripts/train.py``):
-the process, the run directory, then every component from its ``_target_`` (precision, data,
-model with its attention, optimizer, schedule), so this file never branches on which one was
-chosen; then the checkpoint it resumes from, if any. ``fit`` runs the steps. Three collaborators
-hold the rest: ``RunDir`` (directory, lock, checkpoints), ``Monitor`` (logs, summary, divergence)
-and ``StopSignals`` (Ctrl-C and SIGTERM).
+A Trainer is a :class:`trainer.run.Run` (the process, the run directory, every component built
+from its config group, the restored state) that trains: ``fit`` runs the steps, each one lr,
+accumulate, clip, update; then log, eval, checkpoint, stop. Its collaborators each hold one job:
+``RunDir`` (directory, lock, checkpoints), ``Monitor`` (logs, summary, MFU, divergence) and
+``StopSignals`` (Ctrl-C and SIGTERM).
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import signal
 import sys
-from dataclasses import asdict
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from omegaconf import OmegaConf
 
-from models import GPT
 from trainer import data as data_lib
-from trainer.config import build, check_settings, merge_overrides, resume_config
-from trainer.errors import CheckpointError, OutputError, TrainingError, UserError
-from trainer.mfu import speed_for_run
-from trainer.monitor import Monitor, reset_peak_memory
-from trainer.rundir import (LAST, RunDir, check_compatible, load_checkpoint, os_reason, restore_optimizer,
-                            restore_scaler)
-from trainer.runtime import StopSignals, broadcast_object, configure_math, init_distributed
-from trainer.schedule import constant
+from trainer.errors import TrainingError
+from trainer.monitor import all_finite, reset_peak_memory, run_hparams, speed_for_run
+from trainer.rundir import LAST, os_reason
+from trainer.run import Run
+from trainer.runtime import StopSignals
 
 
 def step_seed(seed: int, it: int, stream: int) -> int:
@@ -39,111 +29,8 @@ def step_seed(seed: int, it: int, stream: int) -> int:
     return (seed * 1_000_003 + it * 9_176 + stream) % (2**63 - 1)
 
 
-class Trainer:
-    """Builds a run from ``cfg`` in ``run_dir`` and trains it to ``cfg.max_iters`` with :meth:`fit`.
-
-    ``overrides`` are the command line's (Hydra's ``overrides.task``): on resume the run's saved
-    config is the base and only these change it (``trainer.config.resume_config``).
-    """
-
-    def __init__(self, cfg, run_dir: str | Path, overrides: list[str] | None = None):
-        self.overrides, self.run = list(overrides or []), None
-        # the process: device, place in a torchrun world, numerics
-        self.dist, self.device = init_distributed(cfg.device)
-        configure_math(bool(cfg.get("tf32", False)), bool(cfg.get("deterministic", False)))
-        # the run directory, created and locked by rank 0 (rank 0's path everywhere)
-        self.run_dir = Path(broadcast_object(str(run_dir), self.dist))
-        error = None
-        try:
-            if self.dist.is_main:
-                self.run = RunDir(self.run_dir, cfg.get("resume"), bool(cfg.get("overwrite")))
-        except UserError as e:  # raised on every rank, so none is left waiting
-            error = e
-        error = broadcast_object(error, self.dist)
-        if error is not None:
-            raise error
-        resume_from = broadcast_object(self.run and self.run.resume_from, self.dist)
-        try:
-            self._build(cfg, resume_from)
-        except BaseException:
-            self.release()
-            raise
-
-    def _build(self, cfg, resume_from: Path | None) -> None:
-        state = load_checkpoint(resume_from) if resume_from is not None else None  # on the CPU
-        changes = []
-        if state is not None:
-            cfg, changes = resume_config(state["config"], cfg, self.overrides)
-            self.overrides = merge_overrides(state.get("overrides", []), self.overrides)
-        self.cfg = cfg
-        # the components, each from its config group
-        self.precision = build(cfg.precision)
-        self.accum, self.tokens_per_step = check_settings(cfg, self.dist.world_size)  # accum: per rank
-        self.data = build(cfg.data)  # under torchrun the first rank to take the data's lock prepares it
-        data_lib.check_block_size(self.data, int(cfg.block_size))
-        self.model_config = build(cfg.model, vocab_size=data_lib.model_vocab_size(self.data, cfg.model.get("vocab_size")))
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
-        self.raw_model = GPT(self.model_config, build(cfg.attn)).to(self.device)
-        self.fwd_model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
-        self.model = self.fwd_model
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.model = DDP(self.fwd_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.optimizer = self._build_optimizer()
-        if cfg.decay_lr:
-            self.schedule = build(cfg.schedule)
-            build(cfg.schedule, 0)  # a bad setting (wsd's decay_frac) is a config error now, not at step 0
-        else:
-            self.schedule = functools.partial(constant, lr=float(cfg.learning_rate))
-        self.scaler = self.precision.make_scaler(self.device)
-        self.iteration, self.best_val_loss, self.best_val_bpb = 0, math.inf, math.inf
-        self._skipped = torch.zeros((), dtype=torch.int64, device=self.device)  # fp16 steps the scaler skipped
-        self.last_eval: dict | None = None  # the latest eval's losses, saved with the checkpoint
-        self.good_checkpoint: Path | None = None  # what a divergence falls back to
-        notes = self._restore(state, resume_from) if state is not None else []
-        try:  # the outputs: config.yaml, then the monitor's TensorBoard writer, summary.json and log
-            if self.dist.is_main:
-                OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
-            self.monitor = Monitor(self.run_dir, int(cfg.max_iters), self.overrides, self.device, self.iteration,
-                                   write=self.dist.is_main)
-        except OSError as e:
-            raise OutputError(f"cannot write the run's records in {self.run_dir}: {os_reason(e)}") from e
-        if state is not None:
-            self.monitor.message(f"resumed from {resume_from} at step {self.iteration} with the run's saved config; "
-                                 + ("changed: " + ", ".join(changes) if changes else "no settings changed"))
-            for note in notes:
-                self.monitor.message(f"resume: {note}")
-
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        """The optimizer over the groups its ``param_groups`` policy makes (default: decay matmuls)."""
-        optim_cfg = OmegaConf.to_container(self.cfg.optim, resolve=True)
-        policy = optim_cfg.pop("param_groups", None) or {"_target_": "trainer.optim.param_groups", "_partial_": True}
-        groups = build(policy, self.raw_model, float(optim_cfg.get("weight_decay") or 0.0))
-        return build(optim_cfg, groups)  # the optimizer checks its hyperparameters when given the groups
-
-    def _restore(self, state: dict, path: Path) -> list[str]:
-        """Restore a checkpoint's state; returns notes on what could not be carried over and why."""
-        check_compatible(state.get("model_args", {}), asdict(self.model_config), str(path))
-        if state.get("tokenizer") != (None if self.data.tokenizer is None else self.data.tokenizer.to_dict()):
-            raise CheckpointError(
-                f"checkpoint {path} was trained with a different tokenizer/vocabulary than data={self.cfg.data._target_}; "
-                "resume with the same data config"
-            )
-        self.raw_model.load_state_dict(state["model"])  # copies the CPU tensors onto the device
-        saved_optim = (state["config"].get("optim") or {}).get("_target_")
-        if saved_optim == self.cfg.optim._target_:
-            self.optimizer, notes = restore_optimizer(self.optimizer, state["optimizer"], self._build_optimizer)
-        else:  # another optimizer: its state would not mean the same thing
-            notes = [f"optimizer changed from {saved_optim} to {self.cfg.optim._target_}: it starts with fresh state"]
-        notes += restore_scaler(self.scaler, state.get("scaler") or {}, self.precision.name)
-        self.iteration = int(state["step"])
-        self.best_val_loss = float(state.get("best_val_loss", math.inf))
-        self.best_val_bpb = float(state.get("best_val_bpb", math.inf))
-        self._skipped.fill_(int(state.get("skipped_steps", 0)))
-        self.last_eval = state.get("eval")
-        self.good_checkpoint = Path(path)  # never written by this run until it saves its own
-        return notes
+class Trainer(Run):
+    """Trains a :class:`~trainer.run.Run` from its iteration to ``cfg.max_iters``: :meth:`fit`."""
 
     # ------------------------------------------------------------------------------------------
     # the loop
@@ -153,13 +40,7 @@ class Trainer:
         cfg, monitor = self.cfg, self.monitor
         max_iters, eval_interval, log_interval = int(cfg.max_iters), int(cfg.eval_interval), int(cfg.log_interval)
         n_params = self.raw_model.num_params()
-        monitor.hparams({
-            "attn": cfg.attn._target_.rsplit(".", 1)[-1], "optim": cfg.optim._target_.rsplit(".", 1)[-1],
-            "precision": cfg.precision.name, "lr": float(cfg.learning_rate), "n_layer": cfg.model.n_layer,
-            "n_embd": cfg.model.n_embd, "n_head": cfg.model.n_head, "block_size": int(cfg.block_size),
-            "batch_size": int(cfg.batch_size) * int(cfg.gradient_accumulation_steps), "seed": int(cfg.seed),
-            "params": n_params, "tf32": bool(cfg.get("tf32", False)), "deterministic": bool(cfg.get("deterministic", False)),
-        })
+        monitor.hparams(run_hparams(cfg, n_params))
         monitor.message(f"model: {n_params / 1e6:.2f}M parameters, vocab {self.model_config.vocab_size}; "
                         f"{self.tokens_per_step:,} tokens per step on {self.dist.world_size} process(es), "
                         f"device {self.device}")
@@ -168,10 +49,6 @@ class Trainer:
                               world_size=self.dist.world_size, peak_tflops=cfg.get("peak_tflops"),
                               cache_dir=data_lib.default_cache_dir(), start=self.iteration)
         monitor.message(speed.describe())
-        if self.data.tokenizer is None:
-            monitor.message("data: no tokenizer, so text samples are skipped"
-                            + ("" if self.data.bytes_per_token else " and val/bpb is not reported (set data.bytes_per_token "
-                               "or data.tokenizer_path for it)"))
         profiler = None
         if cfg.get("profile") and self.dist.is_main:
             from trainer.profiling import StepProfiler
@@ -269,33 +146,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # evaluation and sampling
 
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Loss and bits per byte of each split on its fixed eval windows (trainer/data/): the same
-        windows at every eval of every run on this data, whatever the seed or the number of ranks."""
+    def evaluate(self) -> dict[str, float | None]:
+        """Loss and bits per byte of each split on its fixed eval windows (``trainer.data.evaluate``)."""
         cfg = self.cfg
-        bs, block = int(cfg.batch_size), int(cfg.block_size)
-        count = data_lib.eval_window_count(cfg.get("eval_tokens"), cfg.eval_iters, bs, block)
-        self.fwd_model.eval()
-        out = {}
-        for split, ids in (("train", self.data.train), ("val", self.data.val)):
-            n = count if (split == "val" or count is not None) else int(cfg.eval_iters) * bs  # all: val only
-            mine = data_lib.eval_window_starts(ids, block, n)[self.dist.rank::self.dist.world_size]
-            sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, tokens, bytes
-            for i in range(0, len(mine), bs):
-                x, y = data_lib.get_batch(ids, mine[i:i + bs], block, self.device)
-                with self.precision.autocast(self.device):
-                    _, loss = self.fwd_model(x, y)
-                nbytes = self.data.target_bytes(y)  # None: unknown (token shards without a tokenizer)
-                sums += torch.tensor([loss.item() * y.numel(), y.numel(), math.nan if nbytes is None else nbytes],
-                                     dtype=torch.float64, device=self.device)
-            if self.dist.enabled:
-                dist.all_reduce(sums)
-            nats, tokens, nbytes = sums.tolist()
-            out[split] = nats / tokens
-            out[f"{split}_bpb"] = None if math.isnan(nbytes) else nats / max(nbytes, 1.0) / math.log(2)
-        self.fwd_model.train()
-        return out
+        count = data_lib.eval_window_count(cfg.get("eval_tokens"), cfg.eval_iters, int(cfg.batch_size), int(cfg.block_size))
+        return data_lib.evaluate(self.fwd_model, self.data, int(cfg.batch_size), int(cfg.block_size), count,
+                                 int(cfg.eval_iters), self.precision, self.dist, self.device)
 
     @torch.no_grad()
     def sample(self, num_tokens: int | None = None) -> str:
@@ -336,32 +192,7 @@ class Trainer:
                                           "eval/train_loss": ev["train"]})
 
     # ------------------------------------------------------------------------------------------
-    # checkpoints and divergence
-
-    def state_dict(self) -> dict:
-        return {
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "step": self.iteration,
-            "best_val_loss": self.best_val_loss,
-            "best_val_bpb": self.best_val_bpb,
-            "skipped_steps": self.skipped_steps,
-            "eval": self.last_eval if self.last_eval and self.last_eval["step"] == self.iteration else None,
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
-            "overrides": list(self.overrides),
-            "model_args": asdict(self.model_config),
-            "tokenizer": None if self.data.tokenizer is None else self.data.tokenizer.to_dict(),
-        }
-
-    def save(self, best: bool = False) -> None:
-        self.check_state()
-        self._write_checkpoints(best)
-
-    def _write_checkpoints(self, best: bool) -> None:
-        """Write ckpt_last.pt (and ckpt_best.pt) on rank 0; the caller has run ``check_state``."""
-        if self.dist.is_main:
-            self.good_checkpoint = self.run.save(self.state_dict(), best)
+    # divergence
 
     def check_diverged(self) -> None:
         """Raise if a step so far had a non-finite loss or gradient norm (one read of the device)."""
@@ -373,13 +204,7 @@ class Trainer:
         """Raise if a step diverged or a weight or optimizer moment is not finite, before it could be
         saved or evaluated. On every rank: the losses, norms and weights are the same everywhere."""
         self.check_diverged()
-        tensors = list(self.raw_model.parameters()) + [
-            v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.is_floating_point()
-        ]
-        flags: dict[torch.device, list[torch.Tensor]] = {}  # step counters live on the CPU, weights maybe not
-        for t in tensors:
-            flags.setdefault(t.device, []).append(torch.isfinite(t).all())
-        if not all([bool(torch.stack(f).all()) for f in flags.values()]):  # one read per device
+        if not all_finite(self.raw_model, self.optimizer):
             raise self._diverged(f"weights or optimizer state became non-finite by step {self.iteration}")
 
     def _diverged(self, what: str) -> TrainingError:
@@ -397,7 +222,8 @@ class Trainer:
         name = signal.Signals(self.stop.signum).name
         self.exit_code = self.stop.exit_code
         if self.dist.enabled:
-            print(f"rank {self.dist.rank}: stopped by {name} at step {self.iteration}", file=sys.stderr, flush=True)
+            sys.stderr.write(f"rank {self.dist.rank}: stopped by {name} at step {self.iteration}\n")  # one write:
+            sys.stderr.flush()  # the ranks share the terminal, and print's two writes can interleave
         self.monitor.message(
             f"interrupted at step {self.iteration} ({name}); checkpoint saved to {self.run_dir / LAST}. "
             f"Resume with: python scripts/train.py resume=true hydra.run.dir={self.run_dir}"
@@ -421,8 +247,3 @@ class Trainer:
             print(f"warning: could not update {self.run_dir / 'summary.json'}: {os_reason(e)}", file=sys.stderr)
         finally:
             self.release()
-
-    def release(self) -> None:
-        """Let another process use the run directory (also happens when this process exits)."""
-        if self.run is not None:
-            self.run.release()

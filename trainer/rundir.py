@@ -225,6 +225,24 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 # resume: what carries over from a checkpoint into the rebuilt run
 
 
+def restore(state: dict, path, model, optimizer, rebuild, scaler, cfg, model_args: dict, tokenizer: dict | None):
+    """Put a checkpoint's weights, optimizer and scaler state into a freshly built run. Refuses a
+    checkpoint of another model shape or tokenizer; an optimizer of another type, or a state that
+    does not fit, starts fresh (``rebuild()``). Returns the optimizer and notes for the log."""
+    check_compatible(state.get("model_args", {}), model_args, str(path))
+    if state.get("tokenizer") != tokenizer:
+        raise CheckpointError(f"checkpoint {path} was trained with a different tokenizer/vocabulary than "
+                              f"data={cfg.data._target_}; resume with the same data config")
+    model.load_state_dict(state["model"])  # copies the CPU tensors onto the device
+    saved_optim = (state["config"].get("optim") or {}).get("_target_")
+    if saved_optim == cfg.optim._target_:
+        optimizer, notes = restore_optimizer(optimizer, state["optimizer"], rebuild)
+    else:  # another optimizer: its state would not mean the same thing
+        optimizer, notes = optimizer, [f"optimizer changed from {saved_optim} to {cfg.optim._target_}: "
+                                       "it starts with fresh state"]
+    return optimizer, notes + restore_scaler(scaler, state.get("scaler") or {}, cfg.precision.name)
+
+
 def check_compatible(ckpt_model_args: dict, model_args: dict, source: str) -> None:
     """Raise CheckpointError naming every shape field that differs between checkpoint and config."""
     keys = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos")

@@ -146,7 +146,7 @@ class StopSignals:
             self._group = dist.new_group(backend="gloo")
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *_exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()

@@ -19,20 +19,21 @@ use on a machine shared with other jobs: both variants see the same neighbours.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench_vs_nanogpt import OURS_LINE, REPO, ratio_cell, timed_steps
+from common import PROGRESS_LINE, REPO, alternated, median, ratio, timed_steps
 
-from kernels import ATTENTION
+from trainer.config import build, components, load_component
+
+CPU_ATTENTION = [a for a in components("attn") if a != "flash"]  # flash needs CUDA (or the slow interpreter)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--attn", nargs="*", default=[a for a in ATTENTION if a != "flash"], choices=sorted(ATTENTION))
+    p.add_argument("--attn", nargs="*", default=CPU_ATTENTION, choices=components("attn"))
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--start", type=int, default=50)
     p.add_argument("--rounds", type=int, default=2)
@@ -49,7 +50,7 @@ def run(args, attn: str, compiled: bool, run_dir: Path) -> dict:
            f"max_iters={args.iters}", "eval_interval=0", "log_interval=10", "sample_tokens=0", "device=cpu",
            f"hydra.run.dir={run_dir}", *args.overrides]
     t_launch = time.perf_counter()
-    marks = timed_steps(cmd, REPO, OURS_LINE, run_dir.with_suffix(".log"), args.threads)
+    marks = timed_steps(cmd, REPO, PROGRESS_LINE, run_dir.with_suffix(".log"), args.threads)
     window = [m for m in marks if m[0] >= args.start]
     (s0, w0, c0), (s1, w1, c1) = window[0], window[-1]
     tokens = (s1 - s0) * 768
@@ -70,10 +71,10 @@ def in_process(args) -> None:
           "| compile s (first step) |\n|---|---:|---:|---|---:|---:|")
     x = torch.randint(0, 65, (12, 64))
     for attn in args.attn:
-        runs = {}
+        steps, first = {}, {}
         for compiled in (False, True):
             torch.manual_seed(0)
-            model = GPT(GPTConfig(vocab_size=65, gelu="exact"), ATTENTION[attn])  # the nano recipe (configs/model/nano.yaml)
+            model = GPT(GPTConfig(vocab_size=65, gelu="exact"), build(load_component("attn", attn)))  # the nano recipe
             opt = AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.99))
             fwd = torch.compile(model) if compiled else model
 
@@ -86,21 +87,21 @@ def in_process(args) -> None:
 
             t0 = time.perf_counter()
             step()
-            runs[compiled] = {"step": step, "first": time.perf_counter() - t0, "wall": [], "cpu": []}
-        for r in range(args.rounds):
-            for compiled in ((False, True) if r % 2 == 0 else (True, False)):
-                run = runs[compiled]
+            steps[compiled], first[compiled] = step, time.perf_counter() - t0
+        cpu: dict = {False: [], True: []}
+
+        def burst(compiled: bool):
+            def measure() -> float:  # tokens per wall second; CPU time on the side
                 w0, c0 = time.perf_counter(), time.process_time()
                 for _ in range(args.steps):
-                    run["step"]()
-                run["wall"].append(args.steps * 768 / (time.perf_counter() - w0))
-                run["cpu"].append(args.steps * 768 / (time.process_time() - c0))
-        e, c = runs[False], runs[True]
-        wall = [b / a for a, b in zip(e["wall"], c["wall"])]
-        cpu = statistics.median(b / a for a, b in zip(e["cpu"], c["cpu"]))
-        print(f"| {attn} | {statistics.median(e['wall']):,.0f} | {statistics.median(c['wall']):,.0f} | "
-              f"{ratio_cell(wall)} | {cpu:.2f}x | "
-              f"{c['first']:.0f} |", flush=True)
+                    steps[compiled]()
+                cpu[compiled].append(args.steps * 768 / (time.process_time() - c0))
+                return args.steps * 768 / (time.perf_counter() - w0)
+            return measure
+
+        wall = alternated({False: burst(False), True: burst(True)}, args.rounds)
+        print(f"| {attn} | {median(wall[False]):,.0f} | {median(wall[True]):,.0f} | {ratio(wall[True], wall[False])} | "
+              f"{median([c / e for e, c in zip(cpu[False], cpu[True])]):.2f}x | {first[True]:.0f} |", flush=True)
 
 
 def main(argv=None) -> int:
@@ -116,18 +117,21 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---|---:|---|---:|")
     for attn in args.attn:
         res = {False: [], True: []}
-        for r in range(args.rounds):
-            for compiled in ((False, True) if r % 2 == 0 else (True, False)):
-                res[compiled].append(run(args, attn, compiled, work / f"{attn}_c{int(compiled)}_r{r}"))
-        med = {c: {k: statistics.median(x[k] for x in res[c]) for k in res[c][0]} for c in res}
-        wall = [c["wall"] / e["wall"] for e, c in zip(res[False], res[True])]
-        cpu = statistics.median(c["cpu"] / e["cpu"] for e, c in zip(res[False], res[True]))
+
+        def one(compiled: bool):
+            def measure() -> float:
+                res[compiled].append(run(args, attn, compiled, work / f"{attn}_c{int(compiled)}_r{len(res[compiled])}"))
+                return res[compiled][-1]["wall"]
+            return measure
+
+        wall = alternated({False: one(False), True: one(True)}, args.rounds)
+        med = {c: {k: median([x[k] for x in res[c]]) for k in res[c][0]} for c in res}
+        cpu = median([c["cpu"] / e["cpu"] for e, c in zip(res[False], res[True])])
         extra = med[True]["first"] - med[False]["first"]
         saved = med[False]["step_s"] - med[True]["step_s"]
         even = f"{extra / saved:,.0f}" if saved > 0 else "never"
-        print(f"| {attn} | {med[False]['wall']:,.0f} | {med[True]['wall']:,.0f} | "
-              f"{ratio_cell(wall)} | {cpu:.2f}x | "
-              f"{med[False]['first']:.0f} / {med[True]['first']:.0f} | {even} |", flush=True)
+        print(f"| {attn} | {med[False]['wall']:,.0f} | {med[True]['wall']:,.0f} | {ratio(wall[True], wall[False])} | "
+              f"{cpu:.2f}x | {med[False]['first']:.0f} / {med[True]['first']:.0f} | {even} |", flush=True)
     return 0
 
 

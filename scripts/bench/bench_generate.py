@@ -15,15 +15,14 @@ with the same windows (one untimed run).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 
 import torch
 
-from bench_vs_nanogpt import ratio_cell
-from kernels import ATTENTION
+from common import alternated, median, ratio
 from models import GPT, GPTConfig
+from trainer.config import build, components, load_component
 
 MODELS = {
     "nano 4x128, ctx 64": dict(n_layer=4, n_head=4, n_embd=128, block_size=64),
@@ -36,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=500)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--attn", default="sdpa", choices=sorted(ATTENTION))
+    p.add_argument("--attn", default="sdpa", choices=components("attn"))
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS), help="rows to run")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     return p.parse_args(argv)
@@ -61,24 +60,25 @@ def main(argv=None) -> int:
     for name in args.models:
         shape = MODELS[name]
         torch.manual_seed(0)
-        model = GPT(GPTConfig(vocab_size=65, **shape), ATTENTION[args.attn]).eval()
+        model = GPT(GPTConfig(vocab_size=65, **shape), build(load_component("attn", args.attn))).eval()
         stride = shape["block_size"] // 2
         tokens_per_sec(model, 8, True)  # warm-up
-        modes = [(False, 1), (True, 1), (True, stride)]  # (use_cache, window_stride)
-        speed: dict = {m: [] for m in modes}
         out: dict = {}
-        for r in range(args.rounds):
-            for m in (modes if r % 2 == 0 else modes[::-1]):
-                tps, out[m] = tokens_per_sec(model, args.tokens, *m)
-                speed[m].append(tps)
-        plain, cached, strided = (speed[m] for m in modes)
-        same = torch.equal(out[modes[0]], out[modes[1]])
-        same_strided = torch.equal(out[modes[2]], tokens_per_sec(model, args.tokens, False, stride)[1])
-        print(f"| {name} | {model.num_params() / 1e6:.2f}M | {statistics.median(plain):,.0f} | "
-              f"{statistics.median(cached):,.0f} | {ratio_cell([c / p for c, p in zip(cached, plain)], 1)} | "
-              f"{'yes' if same else 'NO'} | {statistics.median(strided):,.0f} | "
-              f"{ratio_cell([c / p for c, p in zip(strided, plain)], 1)} | {'yes' if same_strided else 'NO'} |",
-              flush=True)
+
+        def mode(use_cache: bool, window_stride: int):
+            def measure() -> float:
+                tps, out[use_cache, window_stride] = tokens_per_sec(model, args.tokens, use_cache, window_stride)
+                return tps
+            return measure
+
+        speed = alternated({"plain": mode(False, 1), "cached": mode(True, 1), "strided": mode(True, stride)},
+                           args.rounds)
+        same = torch.equal(out[False, 1], out[True, 1])
+        same_strided = torch.equal(out[True, stride], tokens_per_sec(model, args.tokens, False, stride)[1])
+        print(f"| {name} | {model.num_params() / 1e6:.2f}M | {median(speed['plain']):,.0f} | "
+              f"{median(speed['cached']):,.0f} | {ratio(speed['cached'], speed['plain'], 1)} | "
+              f"{'yes' if same else 'NO'} | {median(speed['strided']):,.0f} | "
+              f"{ratio(speed['strided'], speed['plain'], 1)} | {'yes' if same_strided else 'NO'} |", flush=True)
     return 0
 
 

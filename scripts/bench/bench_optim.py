@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import statistics
 import sys
 import time
@@ -27,6 +28,8 @@ import torch
 
 import trainer.optim as ours
 from models.gpt import GPT, GPTConfig
+from omegaconf import OmegaConf
+from trainer.config import components, load_component
 
 BASELINE = None  # trainer.optim from --baseline's checkout
 
@@ -35,15 +38,26 @@ MODELS = {
     "gpt2": GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768),
 }
 
-# kind -> (constructor kwargs, torch.optim class or None)
-KINDS = {
-    "AdamW": (dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1), torch.optim.AdamW),
-    "Adam": (dict(lr=1e-3, betas=(0.9, 0.99)), torch.optim.Adam),
-    "SGD": (dict(lr=1e-2, momentum=0.9, nesterov=True), torch.optim.SGD),
-    "Lion": (dict(lr=3e-4, betas=(0.9, 0.99), weight_decay=0.3), None),
-    "Adafactor": (dict(lr=1e-2), torch.optim.Adafactor),
-    "Muon": (dict(lr=0.02, momentum=0.95), torch.optim.Muon),  # 2-D parameters only
-}
+def kinds() -> dict[str, tuple[dict, type | None]]:
+    """Every configs/optim/*.yaml: class name -> (its hyperparameters, torch.optim's class of that name
+    or None). A new optimizer config joins the table by its YAML alone."""
+    out = {}
+    for name in components("optim"):
+        cfg = OmegaConf.to_container(load_component("optim", name), resolve=True)
+        kind = cfg["_target_"].rsplit(".", 1)[-1]
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()
+                  if not k.startswith("_") and k not in ("param_groups", "foreach", "fused")}
+        out[kind] = (kwargs, getattr(torch.optim, kind, None))
+    return out
+
+
+KINDS = kinds()
+
+
+def torch_kwargs(torch_cls: type, kwargs: dict) -> dict:
+    """The hyperparameters torch's class takes (ours may have more, e.g. Muon's AdamW settings)."""
+    accepted = inspect.signature(torch_cls).parameters
+    return {k: v for k, v in kwargs.items() if k in accepted}
 
 
 def import_baseline(src: Path):
@@ -94,6 +108,7 @@ def implementations(kind: str, params: list[torch.Tensor], device: torch.device)
         impls["old foreach"] = getattr(BASELINE, kind)(params, foreach=True, **kwargs)
         impls["old single"] = getattr(BASELINE, kind)(params, foreach=False, **kwargs)
     if torch_cls is not None:
+        kwargs = torch_kwargs(torch_cls, kwargs)
         if kind == "Muon":  # torch's Muon has one path
             impls["torch single"] = torch_cls(params, **kwargs)
         else:

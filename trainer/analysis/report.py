@@ -12,9 +12,10 @@ baseline, and the time each run took to reach a target val loss.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Sequence
 
-from trainer.analysis.runs import CompareError, Group, Run, mean_std, setting, sort_rows, summarize
+from trainer.analysis.runs import CompareError, Group, Run, group_runs, load_runs, mean_std, setting, summarize, table_keys
 from trainer.analysis.table import _fmt
 from trainer.analysis.stats import welch_t_test
 
@@ -155,3 +156,22 @@ def report(groups: Sequence[Group], keys: Sequence[str], best_by: str | None = N
     by_row = {id(row): group for group, row in zip(groups, rows)}
     rows = sort_rows(rows, "final_val_loss" if best_by else "best_val_loss")
     return [by_row[id(row)] for row in rows], rows, notes
+
+
+def sort_rows(rows: Sequence[dict[str, Any]], by: str = "best_val_loss") -> list[dict[str, Any]]:
+    """Sorted by ``by`` (mean over seeds), lowest first; rows without a finite value come last."""
+    def order(row: dict[str, Any]) -> tuple[bool, float, str]:
+        value = row[by]
+        known = value is not None and math.isfinite(value)
+        return (not known, value if known else 0.0, row["run"])
+
+    return sorted(rows, key=order)
+
+
+def compare(root: str | os.PathLike, all_keys: bool = False
+            ) -> tuple[list[Group], list[dict[str, Any]], list[str]]:
+    """Load, group and summarize every run under ``root``: (groups, rows sorted by best val loss, keys)."""
+    runs = load_runs(root)
+    keys = table_keys(runs, all_keys)
+    groups = group_runs(runs, keys)
+    return groups, sort_rows([summarize(g, keys) for g in groups]), keys

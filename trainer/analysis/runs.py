@@ -277,16 +277,6 @@ def summarize(group: Group, keys: Sequence[str]) -> dict[str, Any]:
 WITH_STD = ("final_val_loss", "best_val_loss", "final_val_bpb", "best_val_bpb")
 
 
-def sort_rows(rows: Sequence[dict[str, Any]], by: str = "best_val_loss") -> list[dict[str, Any]]:
-    """Sorted by ``by`` (mean over seeds), lowest first; rows without a finite value come last."""
-    def order(row: dict[str, Any]) -> tuple[bool, float, str]:
-        value = row[by]
-        known = value is not None and math.isfinite(value)
-        return (not known, value if known else 0.0, row["run"])
-
-    return sorted(rows, key=order)
-
-
 def _display(value: Any) -> Any:
     if isinstance(value, str) and "." in value and re.fullmatch(r"[\w.]+", value):
         return value.rsplit(".", 1)[-1]  # `_target_` paths: keep the class or function name
@@ -295,12 +285,3 @@ def _display(value: Any) -> Any:
 
 def _cell(value: Any, none: str = "None") -> str:
     return none if value is None else f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def compare(root: str | os.PathLike, all_keys: bool = False
-            ) -> tuple[list[Group], list[dict[str, Any]], list[str]]:
-    """Load, group and summarize every run under ``root``: (groups, rows sorted by best val loss, keys)."""
-    runs = load_runs(root)
-    keys = table_keys(runs, all_keys)
-    groups = group_runs(runs, keys)
-    return groups, sort_rows([summarize(g, keys) for g in groups]), keys

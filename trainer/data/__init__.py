@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed
 
 from trainer.data.shards import Tokens, read_headerless, read_shard
 from trainer.data.tokenizer import BPETokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer
@@ -357,3 +358,33 @@ def eval_window_starts(ids: Tokens, block_size: int, count: int | None) -> np.nd
     n = ids.num_windows(block_size)
     index = np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(np.int64))
     return ids.window_starts(index, block_size).astype(np.int64)
+
+
+@torch.no_grad()
+def evaluate(model, data: TokenData, batch_size: int, block_size: int, count: int | None, eval_iters: int,
+             precision, dist, device: torch.device) -> dict[str, float | None]:
+    """Mean loss and bits per byte of each split on its fixed eval windows (:func:`eval_window_starts`):
+    the same windows at every eval of every run on this data, whatever the seed or the number of
+    ranks (each rank takes every ``world_size``-th window; the sums are all-reduced). With
+    ``count`` None (``eval_tokens=all``) the whole val split, and ``eval_iters * batch_size``
+    windows of train. ``{split}_bpb`` is None when the text bytes behind the tokens are unknown."""
+    model.eval()
+    out = {}
+    for split, ids in (("train", data.train), ("val", data.val)):
+        n = count if (split == "val" or count is not None) else eval_iters * batch_size
+        mine = eval_window_starts(ids, block_size, n)[dist.rank::dist.world_size]
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
+        for i in range(0, len(mine), batch_size):
+            x, y = get_batch(ids, mine[i:i + batch_size], block_size, device)
+            with precision.autocast(device):
+                _, loss = model(x, y)
+            nbytes = data.target_bytes(y)
+            sums += torch.tensor([loss.item() * y.numel(), y.numel(), math.nan if nbytes is None else nbytes],
+                                 dtype=torch.float64, device=device)
+        if dist.enabled:
+            torch.distributed.all_reduce(sums)
+        nats, tokens, nbytes = sums.tolist()
+        out[split] = nats / tokens
+        out[f"{split}_bpb"] = None if math.isnan(nbytes) else nats / max(nbytes, 1.0) / math.log(2)
+    model.train()
+    return out

@@ -34,7 +34,6 @@ class CharTokenizer:
 
     def __init__(self, chars: str):
         self.chars, self.vocab_size = chars, len(chars)
-        self._stoi = {c: i for i, c in enumerate(chars)}
         # sorted code points let encode() vectorize with searchsorted (ids need not be in code order:
         # nanoGPT's meta.pkl may number characters in any order)
         codes = np.array([ord(c) for c in chars], dtype=np.uint32)
