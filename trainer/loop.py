@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from models import GPT
 from trainer import data as data_lib
+from trainer import pretrained as pretrained_lib
 from trainer.config import build, check_settings, merge_overrides, resume_config
 from trainer.errors import CheckpointError, OutputError, TrainingError, UserError
 from trainer.mfu import speed_for_run
@@ -76,14 +77,19 @@ class Trainer:
             cfg, changes = resume_config(state["config"], cfg, self.overrides)
             self.overrides = merge_overrides(state.get("overrides", []), self.overrides)
         self.cfg = cfg
+        pretrained = pretrained_lib.configure(cfg, self.overrides, state)  # init_from: model.* from its config.json
         # the components, each from its config group
         self.precision = build(cfg.precision)
         self.accum, self.tokens_per_step = check_settings(cfg, self.dist.world_size)  # accum: per rank
         self.data = build(cfg.data)  # under torchrun the first rank to take the data's lock prepares it
         data_lib.check_block_size(self.data, int(cfg.block_size))
+        if pretrained is not None:
+            pretrained.check_vocab(self.data)
         self.model_config = build(cfg.model, vocab_size=data_lib.model_vocab_size(self.data, cfg.model.get("vocab_size")))
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
         self.raw_model = GPT(self.model_config, build(cfg.attn)).to(self.device)
+        if pretrained is not None:  # fine-tuning: the checkpoint's weights replace the random ones
+            pretrained.load_into(self.raw_model)
         self.fwd_model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
         self.model = self.fwd_model
         if self.dist.enabled:
@@ -103,6 +109,8 @@ class Trainer:
         self.good_checkpoint: Path | None = None  # what a divergence falls back to
         notes = self._restore(state, resume_from) if state is not None else []
         self.monitor = self._open_outputs()
+        if pretrained is not None:
+            self.monitor.message(pretrained.describe())
         if state is not None:
             self.monitor.message(f"resumed from {resume_from} at step {self.iteration} with the run's saved config; "
                                  + ("changed: " + ", ".join(changes) if changes else "no settings changed"))
