@@ -24,7 +24,7 @@ from pathlib import Path
 
 from models import GPTConfig, hf
 from trainer.data.tokenizer import EOT, hf_tokenizer_json, tokenizer_from_dict
-from trainer.errors import OutputError, user_errors
+from trainer.errors import OutputError, UserError, user_errors
 from trainer.rundir import load_checkpoint, os_reason
 
 FORMATS = ("hf",)
@@ -39,10 +39,17 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def export_hf(checkpoint: str, out_dir: str | Path) -> list[str]:
-    """Write the Hugging Face files for ``checkpoint`` into ``out_dir``; returns the names written."""
+    """Write the Hugging Face files for ``checkpoint`` into ``out_dir``; returns the names written.
+    A tokenizer that cannot be loaded here (GPT-2's tiktoken file offline) leaves the model files
+    written and the tokenizer's out, with a note on stderr."""
     state = load_checkpoint(checkpoint)
     config = GPTConfig(**state["model_args"])
-    tok = tokenizer_from_dict(state["tokenizer"]) if state.get("tokenizer") else None
+    tok = None
+    if state.get("tokenizer"):
+        try:
+            tok = tokenizer_from_dict(state["tokenizer"])
+        except UserError as e:
+            print(f"note: the run's tokenizer cannot be loaded here, so no tokenizer files: {e}", file=sys.stderr)
     eot = None if tok is None else tok.eot_id
     hf_config, tensors = hf.hf_from_state_dict(state["model"], config, eot)
     out = Path(out_dir)
@@ -71,8 +78,9 @@ def main(argv=None) -> int:
         return 2
     print(f"wrote {', '.join(written)} to {args.out_dir}")
     if "tokenizer.json" not in written:
-        print("no tokenizer files: the run's tokenizer has no Hugging Face form (character-level, or none); "
-              "pass token ids to the model, or train with a BPE or GPT-2 tokenizer", file=sys.stderr)
+        print("no tokenizer files: the run has no tokenizer with a Hugging Face form here (character-level, "
+              "none, or not loadable); pass token ids to the model, or train with a BPE or GPT-2 tokenizer",
+              file=sys.stderr)
     return 0
 
 

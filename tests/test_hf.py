@@ -397,3 +397,17 @@ def test_finetune_preset_is_nanogpts_and_runs_on_a_tiny_model_offline(tmp_path, 
     assert summary["status"] == "completed" and t.iteration == 2 and np.isfinite(summary["final_val_loss"])
     assert not torch.equal(start, t.raw_model.transformer.h[0].attn.c_attn.weight)
     assert t.schedule(0) == t.schedule(1) == pytest.approx(3e-5)  # constant lr
+
+
+def test_a_tokenizer_that_cannot_load_here_still_exports_the_model(tmp_path, tiny_corpus, monkeypatch, capsys, offline):
+    """A GPT-2 (tiktoken by name) run exported offline: its encoding file is not here, the model is."""
+    randomized_run(tmp_path, [f"data=text", f"data.path={tiny_corpus}", f"data.cache_dir={tmp_path / 'c'}"])
+    state = torch.load(tmp_path / "run" / "ckpt_last.pt", weights_only=True)
+    state["tokenizer"] = {"kind": "tiktoken", "name": "gpt2"}
+    torch.save(state, tmp_path / "run" / "ckpt_last.pt")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-tiktoken-cache"))
+    assert export.main([str(tmp_path / "run"), "--format", "hf", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "note: the run's tokenizer cannot be loaded here" in err and "no tokenizer files" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+    offline.clear()  # tiktoken tried to fetch GPT-2's file: expected, and refused

@@ -91,9 +91,9 @@ def _check_overrides(cfg, overrides: list[str], shape: dict, name: str) -> int:
     named = {override_key(o) for o in overrides}
     block, diffs = shape["block_size"], []
     for key in SHAPE_KEYS:
-        if f"model.{key}" not in named or cfg.model.get(key) == shape[key]:
-            continue
         value = cfg.model.get(key)
+        if f"model.{key}" not in named or value is None or value == shape[key]:  # null: the checkpoint's
+            continue
         if key == "block_size" and isinstance(value, int) and 0 < value < shape[key]:
             block = value  # a shorter context: the position table is cropped
         elif key == "block_size":
