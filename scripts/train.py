@@ -144,7 +144,7 @@ NANOGPT_NAMES = {
     "n_embd": "model.n_embd", "dropout": "model.dropout", "bias": "model.bias",
     "weight_decay": "optim.weight_decay", "beta1": "optim.betas=[0.9,0.95]", "beta2": "optim.betas=[0.9,0.95]",
     "dtype": "precision=fp32|bf16|fp16", "dataset": "data=shakespeare|text|tokens (data.path=...)",
-    "out_dir": "hydra.run.dir", "init_from": "resume=true (or resume=<checkpoint>)",
+    "out_dir": "hydra.run.dir",
     "attention": "attn", "optimizer": "optim", "iters": "max_iters", "steps": "max_iters",
     "batch": "batch_size", "context": "block_size",
 }

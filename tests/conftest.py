@@ -82,3 +82,24 @@ def tiny_overrides(tiny_corpus, tmp_path):
     return TINY_OVERRIDES + [
         "data=text", f"data.path={tiny_corpus}", f"data.cache_dir={tmp_path / 'cache'}", "device=cpu",
     ]
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No network: every connection attempt (DNS included) raises, and is recorded; a test that
+    uses this fixture fails at teardown if anything tried to connect, unless it took the record
+    (``offline.clear()``) after checking an attempt it expected."""
+    import socket
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args[:2])
+        raise OSError("network disabled in this offline test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", lambda self, *a: refuse(*a))
+    monkeypatch.setattr(socket.socket, "connect_ex", lambda self, *a: refuse(*a))
+    yield attempts
+    assert not attempts, f"an offline test tried to reach the network: {attempts[:3]}"

@@ -121,3 +121,41 @@ def test_flash_on_cpu_without_the_interpreter_is_one_line(run_dir):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("error: --attn flash cannot run on cpu") and proc.stderr.count("\n") == 1
     assert "Traceback" not in proc.stderr
+
+
+def test_nanogpts_flag_spellings_sample_the_same_text(run_dir, tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("ALL:\nSpeak", encoding="utf-8")
+    ours = sample_main(capsys, run_dir, "--prompt", "ALL:\nSpeak", "--num-tokens", "12", "--num-samples", "2",
+                       "--top-k", "5", "--seed", "3", "--precision", "fp32")
+    nanogpts = sample_main(capsys, f"--out_dir={run_dir}", f"--start=FILE:{prompt}", "--max_new_tokens=12",
+                           "--num_samples=2", "--top_k=5", "--seed=3", "--dtype=float32")
+    assert ours[0] == nanogpts[0] == 0 and ours[1] == nanogpts[1]
+    samples = ours[1].split("-" * 40 + "\n")
+    assert len(samples) == 2 and all(s.startswith("ALL:\nSpeak") for s in samples)
+    text_start = sample_main(capsys, "--out_dir", run_dir, "--start", "ALL:\nSpeak", "--max_new_tokens", "12",
+                             "--num_samples", "2", "--top_k", "5", "--seed", "3", "--dtype", "float32")
+    assert text_start[1] == ours[1]
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--start=FILE:/nonexistent/prompt.txt"], "--start=FILE:/nonexistent/prompt.txt: cannot read /nonexistent/prompt.txt"),
+    (["--out_dir", "elsewhere"], "give the checkpoint or run directory once"),
+])
+def test_nanogpt_spellings_fail_in_one_line(run_dir, capsys, args, match):
+    rc, out, err = sample_main(capsys, run_dir, *args)
+    assert rc == 2 and out == "" and err.startswith("error: ") and match in err and err.count("\n") == 1
+
+
+class Payload:
+    """Any object a pickle would rebuild by running code: not in a gptlab checkpoint."""
+
+
+def test_a_checkpoint_with_pickled_code_is_refused_in_one_plain_line(tmp_path, capsys):
+    path = tmp_path / "ckpt_last.pt"
+    torch.save({"model": Payload(), "step": 0}, path)
+    rc, out, err = sample_main(capsys, path)
+    assert rc == 2 and out == ""
+    assert err == (f"error: refusing to unpickle code from {path}: not a gptlab checkpoint (those hold tensors and "
+                   "plain values only, loaded with weights_only=True).\n")
+    assert "\x1b" not in err  # none of torch's terminal escape codes

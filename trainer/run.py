@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from models import GPT
 from trainer import data as data_lib
+from trainer import pretrained as pretrained_lib
 from trainer.config import build, check_settings, merge_overrides, resume_config
 from trainer.errors import OutputError, UserError
 from trainer.monitor import Monitor
@@ -63,14 +64,19 @@ class Run:
             cfg, changes = resume_config(state["config"], cfg, self.overrides)
             self.overrides = merge_overrides(state.get("overrides", []), self.overrides)
         self.cfg = cfg
+        pretrained = pretrained_lib.configure(cfg, self.overrides, state)  # init_from: model.* from its config.json
         # the components, each from its config group
         self.precision = build(cfg.precision)
         self.accum, self.tokens_per_step = check_settings(cfg, self.dist.world_size)  # accum: per rank
         self.data = build(cfg.data)  # under torchrun the first rank to take the data's lock prepares it
         data_lib.check_block_size(self.data, int(cfg.block_size))
+        if pretrained is not None:
+            pretrained.check_vocab(self.data)
         self.model_config = build(cfg.model, vocab_size=data_lib.model_vocab_size(self.data, cfg.model.get("vocab_size")))
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
         self.raw_model = GPT(self.model_config, build(cfg.attn)).to(self.device)
+        if pretrained is not None:  # fine-tuning: the checkpoint's weights replace the random ones
+            pretrained.load_into(self.raw_model)
         self.fwd_model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
         self.model = self.fwd_model
         if self.dist.enabled:
@@ -105,6 +111,8 @@ class Run:
                                    write=self.dist.is_main)
         except OSError as e:
             raise OutputError(f"cannot write the run's records in {self.run_dir}: {os_reason(e)}") from e
+        if pretrained is not None:
+            self.monitor.message(pretrained.describe())
         if self.data.tokenizer is None:
             self.monitor.message("data: no tokenizer, so text samples are skipped" + (
                 "" if self.data.bytes_per_token else

@@ -58,6 +58,8 @@ class TokenData:
     vocab_size: int
     bytes_per_token: float | None = None
     token_bytes: torch.Tensor | None = None  # UTF-8 bytes of text behind each token id (the tokenizer's)
+    vocab_from: str = "tokenizer"  # meta | tokenizer | config | dtype (bare shards: only the ids' dtype bounds it)
+    max_id: int | None = None  # the largest token id seen (each shard's first million tokens)
 
     def target_bytes(self, targets: torch.Tensor) -> float | None:
         """UTF-8 bytes of text behind ``targets``: counted per token id with a tokenizer (0 for special
@@ -70,11 +72,20 @@ class TokenData:
 def model_vocab_size(data: TokenData, configured: int | None) -> int:
     """The model's vocabulary: ``model.vocab_size`` if set (at least the data's), else the data's,
     large ones padded to a multiple of 64 (GPT-2's 50,257 -> 50,304, as nanoGPT does) so the
-    embedding and output matmuls get GPU-friendly shapes; the extra rows are never targets."""
+    embedding and output matmuls get GPU-friendly shapes; the extra rows are never targets.
+
+    Bare shards whose vocabulary nothing records (``vocab_from == "dtype"``) take any
+    ``model.vocab_size`` above their largest id (GPT-2's tokens in uint16 FineWeb shards: 50,304);
+    without one, uint16 shards get 65,536 rows and uint32 shards must say (2**32 rows would not fit)."""
+    bare = data.vocab_from == "dtype" and data.max_id is not None
     if configured:
-        if configured < data.vocab_size:
-            raise ConfigError(f"model.vocab_size={configured} is smaller than the data's {data.vocab_size} tokens")
+        if configured < data.vocab_size and not (bare and configured > data.max_id):
+            held = f" (it holds token id {data.max_id})" if bare else ""
+            raise ConfigError(f"model.vocab_size={configured} is smaller than the data's {data.vocab_size} tokens{held}")
         return int(configured)
+    if bare and data.vocab_size > 2**16:
+        raise ConfigError(f"{data.directory}: uint32 shards without metadata do not record their vocabulary; set "
+                          f"model.vocab_size (their largest token id is {data.max_id}) or data.vocab_size")
     v = data.vocab_size
     return v if v <= 1024 else -(-v // 64) * 64
 
@@ -86,23 +97,28 @@ def model_vocab_size(data: TokenData, configured: int | None) -> int:
 def open_token_dir(path: str | os.PathLike, tokenizer_path: str | None = None, tokenizer: str | None = None,
                    vocab_size: int | None = None, bytes_per_token: float | None = None) -> TokenData:
     """A directory of token data in any of the three layouts (see the module docstring). The shards
-    are read and checked first (header, size, ids), then the tokenizer: ``tokenizer_path`` (a
-    Hugging Face tokenizer.json), ``tokenizer`` ("gpt2": tiktoken's encoding, downloaded once), or
-    the directory's own. ``vocab_size``: the vocabulary of bare shards (default: their meta, else
-    the largest the shards' dtype holds)."""
+    are validated first (header, size, ids against the vocabulary the data records), so a broken
+    shard is its own one-line error; then the tokenizer is loaded: ``tokenizer_path`` (a Hugging
+    Face tokenizer.json), ``tokenizer`` ("gpt2": tiktoken's encoding, downloaded once), or the
+    directory's own. ``vocab_size``: the vocabulary of bare shards (default: their meta, else the
+    tokenizer's, else the largest the shards' dtype holds)."""
     d = Path(os.path.expanduser(str(path)))
     if not d.is_dir():
         raise DataError(f"data.path={path} is not a directory; prepare one with: python scripts/prepare.py SOURCE --out DIR")
     meta = finished_meta(d)
     if meta is None and (d / INCOMPLETE).exists():
         raise DataError(f"{d} is an unfinished preparation (interrupted?); run scripts/prepare.py again with --out {d}")
+    nanogpt_meta = None
     if meta is not None:  # prepared by scripts/prepare.py: its tokenizer is in the directory
         train, val = _split(d, meta["train_shards"], "meta.json"), _split(d, meta["val_shards"], "meta.json")
         vocab, own = int(meta["vocab_size"]), d / "tokenizer.json"
         bytes_per_token = bytes_per_token or meta.get("bytes_per_token")
     elif (d / "train.bin").exists() and (d / "val.bin").exists():  # nanoGPT
         train, val = Tokens([read_headerless(d / "train.bin")]), Tokens([read_headerless(d / "val.bin")])
-        vocab, own = None, d / "meta.pkl"
+        own = d / "meta.pkl"
+        nanogpt_meta = _read_meta_pkl(own) if own.exists() else None
+        vocab = None if nanogpt_meta is None else nanogpt_meta["vocab_size"]
+        bytes_per_token = bytes_per_token or (nanogpt_meta or {}).get("bytes_per_token")
     elif _shard_names(d, "train") and _shard_names(d, "val"):  # llm.c / modded-nanogpt FineWeb shards
         train, val = _split(d, _shard_names(d, "train")), _split(d, _shard_names(d, "val"))
         vocab, own = None, None
@@ -111,11 +127,15 @@ def open_token_dir(path: str | os.PathLike, tokenizer_path: str | None = None, t
             f"{d} holds no token data (expected meta.json with train_*.bin/val_*.bin, nanoGPT's train.bin + val.bin, "
             "or FineWeb's *_train_*.bin + *_val_*.bin); prepare it with: python scripts/prepare.py SOURCE --out DIR"
         )
-    tok = _tokenizer(d, own, tokenizer_path, tokenizer)
-    if vocab is None:
-        vocab = tok.vocab_size if tok is not None else int(vocab_size or np.iinfo(train.dtype).max + 1)
+    vocab_from = "meta" if vocab is not None else "config" if vocab_size else "dtype"
+    known = int(vocab or vocab_size or np.iinfo(train.dtype).max + 1)  # what the data says, without a tokenizer
+    max_id = _check_ids(d, train, val, known, vocab_from)
+    tok = _tokenizer(d, own, tokenizer_path, tokenizer, nanogpt_meta)
+    if vocab is None and tok is not None:
+        vocab, vocab_from = tok.vocab_size, "tokenizer"
     token_bytes = None if tok is None else torch.from_numpy(tok.token_bytes())
-    return _checked(TokenData(train, val, tok, d, vocab, bytes_per_token, token_bytes))
+    data = TokenData(train, val, tok, d, int(vocab or known), bytes_per_token, token_bytes, vocab_from, max_id)
+    return _checked(data)
 
 
 def _shard_names(d: Path, split: str) -> list[str]:
@@ -130,7 +150,8 @@ def _split(d: Path, names: list[str], listed_in: str | None = None) -> Tokens:
     return Tokens([read_shard(d / n) for n in names])
 
 
-def _tokenizer(d: Path, own: Path | None, tokenizer_path: str | None, name: str | None) -> Tokenizer | None:
+def _tokenizer(d: Path, own: Path | None, tokenizer_path: str | None, name: str | None,
+               nanogpt_meta: dict | None = None) -> Tokenizer | None:
     """The tokenizer the user named, else the directory's own (tokenizer.json, nanoGPT's meta.pkl), else None."""
     if tokenizer_path:
         return BPETokenizer.from_file(os.path.expanduser(str(tokenizer_path)))
@@ -140,55 +161,77 @@ def _tokenizer(d: Path, own: Path | None, tokenizer_path: str | None, name: str 
         return TiktokenTokenizer.named("gpt2")
     if own is not None and own.name == "tokenizer.json":
         return load_tokenizer(own)
-    if own is not None and own.exists():
-        return _nanogpt_tokenizer(own)
+    if nanogpt_meta is not None and "itos" in nanogpt_meta:
+        return _nanogpt_tokenizer(nanogpt_meta, own)
     return None
 
 
-def _nanogpt_tokenizer(path: Path) -> Tokenizer:
-    """nanoGPT's character vocabulary from its meta.pkl."""
+def _read_meta_pkl(path: Path) -> dict:
+    """nanoGPT's meta.pkl (``vocab_size``, and ``itos``/``stoi`` for its character corpora), read
+    without running code."""
 
     class MetaUnpickler(pickle.Unpickler):
         """meta.pkl holds plain dicts, strings and ints: refuse anything else (a pickle can
         otherwise run arbitrary code when loaded)."""
 
         def find_class(self, module, name):
-            raise DataError(f"meta.pkl refers to {module}.{name}; only plain dicts, strings and ints are accepted")
+            raise DataError(f"{path} refers to {module}.{name}; only plain dicts, strings and ints are accepted")
 
     try:
         with open(path, "rb") as f:
             meta = MetaUnpickler(f).load()
-        itos, vocab = meta["itos"], int(meta["vocab_size"])
-        chars = "".join(itos[i] for i in range(vocab))
+        meta["vocab_size"] = int(meta["vocab_size"])
     except DataError:
         raise
     except Exception as e:
+        raise DataError(f"{path} is not nanoGPT's metadata (a dict with vocab_size): {e}") from None
+    if meta["vocab_size"] > 2**16:
+        raise DataError(f"{path} declares {meta['vocab_size']} tokens, more than uint16 train.bin/val.bin can hold (65,536)")
+    return meta
+
+
+def _nanogpt_tokenizer(meta: dict, path: Path) -> Tokenizer:
+    """nanoGPT's character vocabulary from its meta.pkl."""
+    try:
+        itos, vocab = meta["itos"], meta["vocab_size"]
+        chars = "".join(itos[i] for i in range(vocab))
+    except Exception as e:
         raise DataError(f"{path} is not nanoGPT's character metadata (vocab_size, itos): {e}") from None
-    if vocab > 2**16:
-        raise DataError(f"{path} declares {vocab} tokens, more than uint16 train.bin/val.bin can hold (65,536)")
     if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
         raise DataError(f"{path} itos is not one distinct character per id")
     return CharTokenizer(chars)
 
 
+def _check_ids(d: Path, train: Tokens, val: Tokens, vocab: int, vocab_from: str) -> int:
+    """The largest token id, after checking ids against the vocabulary the data records (each
+    shard's first million tokens: reading whole shards would cost a pass over the corpus at every
+    start). Runs before any tokenizer is loaded, so a broken shard is never a tokenizer message."""
+    if vocab > np.iinfo(train.dtype).max + 1:
+        raise DataError(f"{d}: a {vocab}-token vocabulary does not fit its {train.dtype} shards")
+    top = -1
+    for name, split in (("train", train), ("val", val)):
+        for i, shard in enumerate(split.shards):
+            peak = int(np.max(shard[: 1 << 20]))
+            if peak >= vocab:
+                said = {"meta": "its metadata declares", "config": "data.vocab_size says"}[vocab_from]
+                raise DataError(f"{d}: {name} shard {i} holds token id {peak} but {said} {vocab} tokens; the shard is "
+                                "corrupt or the vocabulary is wrong")
+            top = max(top, peak)
+    return top
+
+
 def _checked(data: TokenData) -> TokenData:
-    """Token ids must fit the vocabulary (checked on each shard's first million tokens: reading
-    whole shards would cost a pass over the corpus at every start)."""
+    """The tokenizer must cover the vocabulary and every id seen (:func:`_check_ids` saw the ids)."""
     if data.tokenizer is not None and data.tokenizer.vocab_size < data.vocab_size:
         raise DataError(f"the tokenizer ({data.tokenizer.name}) has {data.tokenizer.vocab_size} tokens but {data.directory} "
                         f"was prepared with a {data.vocab_size}-token vocabulary; use the tokenizer the data was prepared with")
-    if data.vocab_size > np.iinfo(data.train.dtype).max + 1:
-        raise DataError(f"{data.directory}: a {data.vocab_size}-token vocabulary does not fit its {data.train.dtype} shards")
-    for name, split in (("train", data.train), ("val", data.val)):
-        for i, shard in enumerate(split.shards):
-            top = int(np.max(shard[: 1 << 20]))
-            if top >= data.vocab_size:
-                whose = f"the tokenizer ({data.tokenizer.name})" if data.tokenizer is not None else "the vocabulary"
-                raise DataError(
-                    f"{data.directory}: {name} shard {i} holds token id {top} but {whose} has {data.vocab_size} "
-                    "tokens; pass the tokenizer the data was prepared with (data.tokenizer_path=...) or a larger "
-                    "model.vocab_size"
-                )
+    if data.max_id is not None and data.max_id >= data.vocab_size:
+        whose = f"the tokenizer ({data.tokenizer.name})" if data.tokenizer is not None else "the vocabulary"
+        raise DataError(
+            f"{data.directory}: a shard holds token id {data.max_id} but {whose} has {data.vocab_size} "
+            "tokens; pass the tokenizer the data was prepared with (data.tokenizer_path=...) or a larger "
+            "model.vocab_size"
+        )
     return data
 
 

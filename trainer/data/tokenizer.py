@@ -267,6 +267,41 @@ def tiktoken_from_bpe(bpe: BPETokenizer, name: str = "bpe-as-tiktoken") -> Tikto
     return TiktokenTokenizer.from_ranks(name, ranks, special)
 
 
+def hf_tokenizer_json(tok: Tokenizer) -> str | None:
+    """The tokenizer as a Hugging Face ``tokenizer.json`` (for ``transformers``' ``AutoTokenizer``), or
+    None for the character tokenizer, which has no byte-level form. A BPE tokenizer already is one;
+    a tiktoken encoding (GPT-2's) becomes byte-level BPE: its pattern as the pre-tokenizer, its ranks
+    as the vocabulary, and as merges every split of a token into two tokens, in the order of the
+    merged token's rank, which is the order tiktoken merges in (``transformers``' own conversion)."""
+    if isinstance(tok, BPETokenizer):
+        return tok._json
+    if not isinstance(tok, TiktokenTokenizer):
+        return None
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    shown = {b: c for c, b in byte_alphabet().items()}  # byte -> the printable character standing for it
+    ranks = tok.enc._mergeable_ranks
+
+    def text(b: bytes) -> str:
+        return "".join(shown[x] for x in b)
+
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        merges += sorted(splits, key=lambda lr: (ranks[lr[0]], ranks[lr[1]]))
+    special = tok.enc._special_tokens  # e.g. <|endoftext|>: kept at its own id
+    out = HFTokenizer(models.BPE(vocab={text(t): r for t, r in ranks.items()} | special,
+                                 merges=[(text(a), text(b)) for a, b in merges]))
+    out.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(tok.enc._pat_str), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    out.decoder = decoders.ByteLevel()
+    out.add_special_tokens(sorted(special, key=special.get))
+    return out.to_str()
+
+
 def tokenizer_from_dict(d: dict) -> Tokenizer:
     """Inverse of ``to_dict`` (used when loading checkpoints and cached datasets)."""
     kind = d.get("kind")
