@@ -79,6 +79,21 @@ def resolve_scale(scale: float | None, head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
+# The torch.compile modes every implementation is tested under (reduce-overhead: CUDA graphs, which
+# flash's triton_op launches are captured by like any Inductor kernel); torch's own spellings.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
+def compile_mode(mode: str | None) -> str:
+    """``mode`` for ``torch.compile(..., mode=mode)`` (None: "default"), or an UnsupportedError naming
+    the modes: one line where torch.compile would give a traceback."""
+    mode = "default" if mode is None else mode
+    if mode not in COMPILE_MODES:
+        raise UnsupportedError(f"compile_mode={mode!r} is not one of the torch.compile modes tested here: "
+                               f"{', '.join(COMPILE_MODES)}")
+    return mode
+
+
 def tf32_enabled() -> bool:
     """Whether fp32 matmuls may use TF32 (torch's setting, new or legacy API): flash's fp32 path
     and the MFU peak both follow it."""

@@ -154,11 +154,12 @@ def test_tensors_on_a_non_default_device(no_tf32):
 
 
 def test_autotuning_once_per_bucket_and_no_extra_peak_memory(no_tf32):
-    from kernels import flash
+    from kernels import flash_launch as flash
 
     q, k, v, do = _inputs((4, 8, 1536, 64), (4, 8, 1536, 64), torch.bfloat16)
     leaves = [t.requires_grad_() for t in (q, k, v)]
-    flash._TUNED.clear()
+    flash.TUNED.clear()
+    flash.PLANS.clear()
 
     def step():
         flash_attention(*leaves, causal=True).backward(do)
@@ -171,7 +172,7 @@ def test_autotuning_once_per_bucket_and_no_extra_peak_memory(no_tf32):
     step()  # compiles and tunes fwd, dkdv, dq for the 2048 bucket
     first_s = time.perf_counter() - t0
     first_peak = torch.cuda.max_memory_allocated()
-    tuned = dict(flash._TUNED)
+    tuned = dict(flash.TUNED)
     assert len(tuned) == 3, tuned
     torch.cuda.reset_peak_memory_stats()
     step()
@@ -179,14 +180,15 @@ def test_autotuning_once_per_bucket_and_no_extra_peak_memory(no_tf32):
     assert first_s < 120, f"first call took {first_s:.0f} s"
     q2, k2, v2, do2 = _inputs((4, 8, 1100, 64), (4, 8, 1100, 64), torch.bfloat16)  # same bucket
     flash_attention(*(t.requires_grad_() for t in (q2, k2, v2)), causal=True).backward(do2)
-    assert flash._TUNED == tuned, "a length in a known bucket must not re-tune"
+    assert flash.TUNED == tuned, "a length in a known bucket must not re-tune"
 
 
 def test_deterministic_mode_pins_configs_and_repeats_bitwise():
-    from kernels import flash
+    from kernels import flash_launch as flash
 
     q, k, v, do = _inputs((2, 4, 1024, 64), (2, 4, 1024, 64), torch.bfloat16)
-    flash._TUNED.clear()
+    flash.TUNED.clear()
+    flash.PLANS.clear()
     torch.use_deterministic_algorithms(True)
     try:
         results = []
@@ -197,7 +199,7 @@ def test_deterministic_mode_pins_configs_and_repeats_bitwise():
             results.append([out] + [t.grad for t in leaves])
     finally:
         torch.use_deterministic_algorithms(False)
-    assert flash._TUNED == {}, "deterministic mode must not autotune"
+    assert flash.TUNED == {}, "deterministic mode must not autotune"
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
@@ -220,8 +222,10 @@ def test_every_config_the_tuner_may_pick_is_correct(dtype, D, kernel, cfg, monke
     """The tuner picks by speed, so every shipped config must be right: force each one, in the
     model's strided layout, causal with partial blocks and with a KV-cache offset."""
     from kernels import flash_configs as fc
+    from kernels import flash_launch
 
     real_choose = fc.choose
+    monkeypatch.setattr(flash_launch, "PLANS", {})  # plans keep the configs they were made with
     monkeypatch.setattr(fc, "choose", lambda name, *a, **k: cfg if name == kernel else real_choose(name, *a, **k))
     g = torch.Generator(device="cuda").manual_seed(3)
     for t_q, t_k in ((1000, 1000), (300, 777)):
