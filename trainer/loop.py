@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from kernels import compile_mode
 from models import GPT
 from trainer import data as data_lib
 from trainer.config import build, check_settings, merge_overrides, resume_config
@@ -84,7 +85,7 @@ class Trainer:
         self.model_config = build(cfg.model, vocab_size=data_lib.model_vocab_size(self.data, cfg.model.get("vocab_size")))
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
         self.raw_model = GPT(self.model_config, build(cfg.attn)).to(self.device)
-        self.fwd_model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
+        self.fwd_model = torch.compile(self.raw_model, mode=compile_mode(cfg.get("compile_mode"))) if cfg.compile else self.raw_model
         self.model = self.fwd_model
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
