@@ -38,7 +38,8 @@ from __future__ import annotations
 import torch
 
 from kernels import resolve_scale
-from kernels.flash_launch import PLANS, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, Plan, check, key, plan_for, unit_last_stride
+from kernels import flash_launch as launch
+from kernels.flash_launch import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, Plan, check, unit_last_stride
 
 __all__ = ["flash_attention", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
 
@@ -88,12 +89,12 @@ def flash_attention(
         q, k, v = (unit_last_stride(t) for t in (q, k, v))
         return ops().flash_attn_fwd(q, k, v, bool(causal), resolve_scale(scale, q.shape[-1]))[0]
     try:
-        plan = PLANS[key(q, k, v, causal)]
+        plan = launch.PLANS[launch.key(q, k, v, causal)]
     except (KeyError, AttributeError, TypeError):  # first sight, or not tensors (check says what is wrong)
         check(q, k, v)
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             q, k, v = (unit_last_stride(t) for t in (q, k, v))
-        plan = plan_for(q, k, v, causal)
+        plan = launch.plan_for(q, k, v, causal)
     scale = plan.scale if scale is None else float(scale)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _FlashFunction.apply(q, k, v, plan, scale)

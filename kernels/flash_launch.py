@@ -251,12 +251,6 @@ class _Launch:
         self.compiled, self.tail = compiled, tuple(self.meta[n] for n in rest)
 
 
-def _stream(fk, device: torch.device) -> int:
-    if device.type != "cuda":
-        return 0
-    return fk.triton.runtime.driver.active.get_current_stream(device.index)
-
-
 class Plan:
     """Everything about a forward+backward that depends only on the key: checked inputs, output
     shapes, configs, grids, stride tuples and the launches (the backward's per dO layout)."""
@@ -266,24 +260,40 @@ class Plan:
         B, H, self.t_q, D = q.shape
         self.t_k, self.h, self.causal = k.shape[2], H, causal
         self.device, self.dtype, self.scale = q.device, q.dtype, resolve_scale(None, D)
+        self.gpu = q.device.index if q.device.type == "cuda" else None
+        self.stream = self.fk.triton.runtime.driver.active.get_current_stream if self.gpu is not None else None
         self.o_shape, self.lse_shape, self.kv_shape = (B, H, self.t_q, D), (B, H, self.t_q), tuple(k.shape)
         self.consts = constexprs(self.fk, q, causal)
         self.qkv_strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+        self.fwd_tail = (*self.qkv_strides, H, self.t_q, self.t_k)
         self.fwd: _Launch | None = None
         self.bwd: dict = {}  # (dO strides, dO alignment) -> (preprocess, dkdv, dq) launches
 
-    def _make(self, name: str, q: torch.Tensor, args: tuple) -> _Launch:
+    def _make(self, name: str, q: torch.Tensor, args: tuple | None) -> _Launch:
         cfg = config(self.fk, name, q, self.t_q, self.t_k, self.consts, args)
         return _Launch(self.fk, name, cfg, grid(name, cfg, self.t_q, self.t_k, self.o_shape[0] * self.h), self.consts)
+
+    def _run(self, calls: tuple) -> None:
+        """Launch ``(launch, args)`` pairs on the tensors' GPU's current stream (or the interpreter)."""
+        if self.gpu is None:
+            for launch, args in calls:
+                launch(0, *args)
+        elif self.gpu == torch.cuda.current_device():
+            stream = self.stream(self.gpu)
+            for launch, args in calls:
+                launch(stream, *args)
+        else:
+            with torch.cuda.device(self.gpu):
+                self._run(calls)
 
     def forward(self, q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         o = torch.empty(self.o_shape, dtype=self.dtype, device=self.device)
         lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
-        args = (q, k, v, o, lse, *self.qkv_strides, self.h, self.t_q, self.t_k, scale * LOG2E)
-        with on_device(q):
-            if self.fwd is None:
+        args = (q, k, v, o, lse, *self.fwd_tail, scale * LOG2E)
+        if self.fwd is None:
+            with on_device(q):
                 self.fwd = self._make("fwd", q, args)
-            self.fwd(_stream(self.fk, self.device), *args)
+        self._run(((self.fwd, args),))
         return o, lse
 
     def backward(self, q, k, v, o, lse, do, scale: float) -> tuple[torch.Tensor, ...]:
@@ -293,20 +303,18 @@ class Plan:
         dv = torch.empty(self.kv_shape, dtype=self.dtype, device=self.device)
         delta = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
         do_strides = do.stride()[:3]
-        pre_args = (o, do, delta, *do_strides, self.h, self.t_q)
         tail = (*self.qkv_strides, *do_strides, self.h, self.t_q, self.t_k, scale * LOG2E, scale)
+        pre_args = (o, do, delta, *do_strides, self.h, self.t_q)
         dkdv_args = (q, k, v, do, lse, delta, dk, dv, *tail)
         dq_args = (q, k, v, do, lse, delta, dq, *tail)
-        key = (do_strides, do.data_ptr() % 16 == 0)
-        with on_device(q):
-            stream = _stream(self.fk, self.device)
-            launches = self.bwd.get(key)
-            if launches is None:
+        launches = self.bwd.get((do_strides, do.data_ptr() % 16))
+        if launches is None:
+            with on_device(q):
                 pre = self._make("preprocess", q, None)
-                pre(stream, *pre_args)  # dK/dV and dQ are tuned on this call's delta
-                launches = self.bwd[key] = (pre, self._make("dkdv", q, dkdv_args), self._make("dq", q, dq_args))
-            for launch, args in zip(launches, (pre_args, dkdv_args, dq_args)):
-                launch(stream, *args)
+                self._run(((pre, pre_args),))  # dK/dV and dQ are tuned on this call's delta
+                launches = (pre, self._make("dkdv", q, dkdv_args), self._make("dq", q, dq_args))
+            self.bwd[(do_strides, do.data_ptr() % 16)] = launches
+        self._run(tuple(zip(launches, (pre_args, dkdv_args, dq_args))))
         return dq, dk, dv
 
 
@@ -318,7 +326,7 @@ def key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal) -> tuple:
     and the global settings that change a config (deterministic algorithms, TF32 for fp32)."""
     return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype,
             q.device, k.device, v.device, q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, bool(causal),
-            torch.are_deterministic_algorithms_enabled(), q.dtype is torch.float32 and tf32_enabled())
+            torch.are_deterministic_algorithms_enabled(), q.dtype is torch.float32 and q.is_cuda and tf32_enabled())
 
 
 def plan_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal) -> Plan:

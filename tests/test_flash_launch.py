@@ -120,3 +120,14 @@ def test_bad_input_is_checked_even_when_a_similar_plan_exists(monkeypatch):
         flash_attention(q, k, v[:, :, :20])
     with pytest.raises(ValueError, match="must be a torch.Tensor"):
         flash_attention(q, k, None)
+
+
+def test_a_known_key_skips_the_checks_and_the_plan_making(monkeypatch):
+    monkeypatch.setattr(flash_launch, "PLANS", {})
+    q, k, v = _qkv()
+    flash_attention(q, k, v)
+    calls = []
+    monkeypatch.setattr(flash_launch, "plan_for", lambda *a: calls.append(a))
+    monkeypatch.setattr(flash_launch, "check", lambda *a: calls.append(a))
+    flash_attention(q, k, v)
+    assert calls == []
