@@ -221,34 +221,58 @@ def _time_ms(run, cfg: fc.Config, reps: int = 10) -> float:
 
 
 class _Launch:
-    """One kernel at one config and grid. The first call goes through Triton's ``JITFunction``
-    (which compiles); on a GPU it returns the compiled kernel, and later calls hand the same
-    arguments to that binary's launcher directly. That is safe because a plan's key fixes every
-    value Triton specializes a binary on: the int arguments (shapes, strides), the dtypes and
-    the 16-byte alignment of every pointer."""
+    """One kernel at one config and grid, launched with as little Python per call as Triton allows.
 
-    __slots__ = ("kernel", "grid", "meta", "compiled", "tail", "direct")
+    The first call goes through Triton's ``JITFunction`` (which compiles) and returns the compiled
+    kernel. The second goes through it again while a spy on that binary's launcher records the
+    arguments Triton hands it (``_learn``): the nine launch arguments, then the kernel arguments,
+    whose trailing constexprs differ between Triton versions. From the third call on, this class
+    calls the launcher itself with the same layout, skipping ``JITFunction.run``'s argument binding,
+    specialization and cache lookup. That is safe because a plan's key fixes every value Triton
+    specializes a binary on (the int arguments: shapes and strides; the dtypes; the 16-byte
+    alignment of every pointer); only the stream and the tensors themselves change. If what was
+    recorded is not the expected layout, or a launch hook is set (a profiler such as proton), every
+    launch keeps going through Triton."""
+
+    __slots__ = ("kernel", "grid", "meta", "compiled", "tail", "first", "direct")
 
     def __init__(self, fk, name: str, cfg: fc.Config, grid_: tuple, consts: dict):
         self.kernel, self.grid = fk.KERNELS[name], grid_
         self.meta = meta(name, cfg, consts, fk.INTERPRETED)
-        self.compiled, self.tail, self.direct = None, (), not fk.INTERPRETED
+        self.compiled, self.tail, self.first, self.direct = None, (), None, not fk.INTERPRETED
 
     def __call__(self, stream, *args) -> None:
         c = self.compiled
-        if c is None:
-            c = self.kernel[self.grid](*args, **self.meta)
-            if self.direct and c is not None:
-                self._keep(c, len(args))
-            return
-        c.run(self.grid[0], self.grid[1], 1, stream, c.function, c.packed_metadata, None, None, None, *args, *self.tail)
+        if c is not None:
+            c.run(self.grid[0], self.grid[1], 1, stream, c.function, c.packed_metadata, None, None, None,
+                  *args, *self.tail)
+        elif self.direct and self.first is not None:
+            self._learn(args)
+        else:
+            self.first = self.kernel[self.grid](*args, **self.meta)
 
-    def _keep(self, compiled, n_args: int) -> None:
-        names = list(self.kernel.arg_names)
-        rest = names[n_args:]  # the constexprs, last in every kernel's signature
-        if sorted(rest) != sorted(k for k in self.meta if k not in ("num_warps", "num_stages")):
-            raise RuntimeError(f"flash: {names} does not end with the launch's constexprs {sorted(self.meta)}")
-        self.compiled, self.tail = compiled, tuple(self.meta[n] for n in rest)
+    def _learn(self, args: tuple) -> None:
+        """Launch through the JIT once more, recording what it hands the binary's launcher."""
+        binary, seen = self.first, []
+        launcher = binary.run  # Triton 3.9: a property over ``_run``; older releases: an attribute
+        attr = "_run" if isinstance(getattr(type(binary), "run", None), property) else "run"
+
+        def spy(*launch_args):
+            seen.append(launch_args)
+            return launcher(*launch_args)
+
+        setattr(binary, attr, spy)
+        try:
+            returned = self.kernel[self.grid](*args, **self.meta)
+        finally:
+            setattr(binary, attr, launcher)
+        n = len(args)
+        if (returned is binary and len(seen) == 1 and len(seen[0]) >= 9 + n and seen[0][4] is binary.function
+                and seen[0][5] is binary.packed_metadata and seen[0][6:9] == (None, None, None)
+                and all(a is b for a, b in zip(seen[0][9:9 + n], args))):
+            self.compiled, self.tail = binary, tuple(seen[0][9 + n:])
+        else:  # an unexpected layout or a launch hook: keep launching through Triton
+            self.direct = False
 
 
 class Plan:

@@ -64,7 +64,8 @@ def test_noop_harness_times_flashs_plan_path_and_restores_the_module(bench):
         from kernels.flash import flash_attention
 
         q = torch.randn(1, 2, 128, 64, requires_grad=True)
-        flash_attention(q, q, q).backward(torch.ones(1, 2, 128, 64))
+        for _ in range(2):  # the second call learns each binary's argument layout
+            flash_attention(q, q, q).backward(torch.ones(1, 2, 128, 64))
         (plan,) = flash_launch.PLANS.values()
         assert plan.fwd.compiled is not None and len(plan.bwd) == 1  # later calls launch the stub binary
         assert all(launch.compiled is not None for launch in next(iter(plan.bwd.values())))

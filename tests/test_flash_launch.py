@@ -22,7 +22,7 @@ from kernels.flash import flash_attention
 class StubCompiled:
     """What Triton's JITFunction.run returns on a GPU; ``run`` is the binary's launcher."""
 
-    function, packed_metadata = "fn-handle", "packed"
+    function, packed_metadata = 12345678, ("packed",)
 
     def __init__(self):
         self.launches = []
@@ -32,16 +32,20 @@ class StubCompiled:
 
 
 class StubKernel:
-    """A kernel with a real kernel's signature: the first launch compiles (returns StubCompiled)."""
+    """A kernel with a real kernel's signature whose "JIT" hands the binary's launcher what Triton
+    3.9's does: the nine launch arguments, then every kernel argument, constexprs included."""
 
-    def __init__(self, real):
+    def __init__(self, real, hook=None):
         self.real, self.arg_names = real, list(real.arg_names)
-        self.jit_calls, self.compiled = [], StubCompiled()
+        self.jit_calls, self.compiled, self.hook = [], StubCompiled(), hook
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.jit_calls.append((grid, args, kwargs))
-            return self.compiled
+            c = self.compiled
+            c.run(grid[0], grid[1], 1, "jit-stream", c.function, c.packed_metadata, self.hook, self.hook, self.hook,
+                  *args, *(kwargs[n] for n in self.arg_names[len(args):]))
+            return c
         return launch
 
 
@@ -59,13 +63,27 @@ def test_direct_launch_passes_every_argument_in_the_kernels_parameter_order(name
     args = tuple(f"arg{i}" for i in range(n_runtime))
     launch("stream-1", *args)  # first call: through Triton's JIT (compiles), with the launch options
     assert stub.jit_calls == [((5, 6), args, flash_launch.meta(name, cfg, consts, False))]
-    launch("stream-2", *args)
-    launch("stream-3", *args)
-    assert len(stub.jit_calls) == 1 and len(stub.compiled.launches) == 2
-    assert list(stub.compiled.launches[-1][:9]) == [5, 6, 1, "stream-3", "fn-handle", "packed", None, None, None]
+    launch("stream-2", *args)  # second: through the JIT again, its launcher's arguments recorded
+    launch("stream-3", *args)  # then direct
+    launch("stream-4", *args)
+    assert len(stub.jit_calls) == 2 and len(stub.compiled.launches) == 4
+    assert list(stub.compiled.launches[-1][:9]) == [5, 6, 1, "stream-4", 12345678, ("packed",), None, None, None]
+    assert stub.compiled.launches[-1][9:] == stub.compiled.launches[1][9:]  # what the JIT passed
     kw = {k: v for k, v in flash_launch.meta(name, cfg, consts, False).items() if k not in ("num_warps", "num_stages")}
     bound = inspect.signature(stub.real.fn).bind(*args, **kw)
     assert list(stub.compiled.launches[-1][9:]) == list(bound.arguments.values())
+
+
+def test_a_launch_hook_keeps_every_launch_going_through_triton():
+    from kernels import flash_triton
+
+    stub = StubKernel(flash_triton.KERNELS["dq"], hook="a profiler's hook")
+    fk = types.SimpleNamespace(INTERPRETED=False, KERNELS={"dq": stub})
+    launch = flash_launch._Launch(fk, "dq", fc.Config(64, 32, 4, 3), (1, 1),
+                                  dict(HEAD_D=64, CAUSAL=True, UPCAST=False, PRECISION="ieee"))
+    for _ in range(4):
+        launch(0, *range(24))  # dq: 24 runtime arguments
+    assert len(stub.jit_calls) == 4
 
 
 def test_interpreted_launches_always_go_through_triton():
@@ -77,7 +95,7 @@ def test_interpreted_launches_always_go_through_triton():
                                                                                  PRECISION="ieee"))
     for _ in range(3):
         launch(0, *range(18))
-    assert len(stub.jit_calls) == 3 and stub.compiled.launches == []
+    assert len(stub.jit_calls) == 3
 
 
 def _qkv(T=40, D=16, dtype=torch.float32):
