@@ -37,11 +37,11 @@ from __future__ import annotations
 
 import torch
 
-from kernels import resolve_scale
+from kernels import resolve_scale, tf32_enabled  # noqa: F401 (tf32_enabled: flash's fp32 switch, read here too)
 from kernels import flash_launch as launch
 from kernels.flash_launch import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, Plan, check, unit_last_stride
 
-__all__ = ["flash_attention", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["flash_attention", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "tf32_enabled"]
 
 
 class _FlashFunction(torch.autograd.Function):

@@ -94,7 +94,7 @@ fi
 
 if has tests; then
     collect=(); [[ "$dry" == 1 ]] && collect=(--collect-only)
-    stage tests 60 python -m pytest -q -p no:cacheprovider "${collect[@]}" tests/test_flash_gpu.py \
+    stage tests 75 python -m pytest -q -p no:cacheprovider "${collect[@]}" tests/test_flash_gpu.py \
         -k "not every_config and not gpt2_small and not nano_fp16 and not maxautotune"
 fi
 
