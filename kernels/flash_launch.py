@@ -134,8 +134,8 @@ def _gpu(fk, device: torch.device) -> tuple[int, int]:
     return _GPUS[device.index]
 
 
-def _tuning_args(fk, name: str, q: torch.Tensor, consts: dict) -> tuple:
-    """(kernel's tuning key, head dim, bytes per element, shared memory, capability, deterministic)."""
+def _tuning_args(fk, q: torch.Tensor, consts: dict) -> tuple:
+    """(tuning key: device, dtype, mask, precision; shared memory per block; capability; deterministic)."""
     shared, capability = _gpu(fk, q.device)
     key = (q.device.index, str(q.dtype), consts["CAUSAL"], consts["PRECISION"])
     return key, shared, capability, torch.are_deterministic_algorithms_enabled()
@@ -146,7 +146,7 @@ def config(fk, name: str, q: torch.Tensor, t_q: int, t_k: int, consts: dict, arg
     arguments) when its bucket is new; with ``args=None`` the cache's pick or the pinned one."""
     if fk.INTERPRETED or name == "preprocess":
         return fc.INTERPRETER[name] if fk.INTERPRETED else fc.PREPROCESS
-    key, shared, capability, deterministic = _tuning_args(fk, name, q, consts)
+    key, shared, capability, deterministic = _tuning_args(fk, q, consts)
     timings: dict = {}
     time_ms = None
     if args is not None:
@@ -169,7 +169,7 @@ def traced_config(fk, name: str, q: torch.Tensor, t_q, t_k, consts: dict) -> fc.
     process has not tuned gets the pinned (first) candidate, and is recorded in TRACE_PINNED."""
     t_q, t_k = int(t_q), int(t_k)  # a symbolic length is specialized: each bucket has its config
     if not fk.INTERPRETED and name != "preprocess":
-        key, shared, capability, deterministic = _tuning_args(fk, name, q, consts)
+        key, shared, capability, deterministic = _tuning_args(fk, q, consts)
         if fc.needs_tuning(name, consts["HEAD_D"], q.element_size(), shared, t_q, t_k, key, TUNED,
                            deterministic, capability):
             TRACE_PINNED.add((name, q.shape[-1], str(q.dtype), fc.bucket(t_q), fc.bucket(t_k)))
