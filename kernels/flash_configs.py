@@ -6,7 +6,8 @@ Pure Python (no Triton, no CUDA), so CPU tests can check every decision made her
 - ``shared_bytes_estimate`` / ``candidates``: which configs fit a shared-memory budget (an
   over-estimate, checked against real ahead-of-time compiles by tests/test_flash_aot.py);
 - ``choose``: the config a launch uses: pinned (deterministic mode, short or decode shapes, a
-  single candidate) or the fastest candidate, measured once per bucket of sequence lengths.
+  single candidate) or the fastest candidate, measured once per bucket of sequence lengths;
+  a trace (``time_ms=None``) only looks the bucket up (``needs_tuning`` says whether it is untuned).
 """
 from __future__ import annotations
 
@@ -157,21 +158,42 @@ def bucket(t: int) -> int:
     return 1 << max(int(t) - 1, 0).bit_length()
 
 
+def tuning_key(kernel: str, head_dim: int, elem_bytes: int, key: tuple, t_q: int, t_k: int) -> tuple:
+    """The cache key of one tuning: kernel, head dim, element size, ``key`` and the length buckets."""
+    return (kernel, head_dim, elem_bytes, *key, bucket(t_q), bucket(t_k))
+
+
+def _pinned(configs: tuple, t_q: int, t_k: int, deterministic: bool) -> bool:
+    return deterministic or len(configs) == 1 or min(t_q, t_k) <= SHORT_T
+
+
+def needs_tuning(kernel: str, head_dim: int, elem_bytes: int, shared_limit: int, t_q: int, t_k: int, key: tuple,
+                 cache: dict, deterministic: bool = False, capability: int = 90) -> bool:
+    """Whether ``choose`` would measure the candidates for this launch (nothing cached for it yet)."""
+    configs = _candidates_cached(kernel, head_dim, elem_bytes, shared_limit, capability)
+    return not _pinned(configs, t_q, t_k, deterministic) and \
+        tuning_key(kernel, head_dim, elem_bytes, key, t_q, t_k) not in cache
+
+
 def choose(
     kernel: str, head_dim: int, elem_bytes: int, shared_limit: int, t_q: int, t_k: int,
-    key: tuple, time_ms: Callable[[Config], float], cache: dict, deterministic: bool = False,
+    key: tuple, time_ms: Callable[[Config], float] | None, cache: dict, deterministic: bool = False,
     capability: int = 90,
 ) -> Config:
     """The config a launch of ``kernel`` uses.
 
     The first candidate (pinned) when ``deterministic``, for short or decode shapes, or when only
     one fits. Otherwise the fastest candidate by ``time_ms``, measured once per ``key`` and
-    bucket of (t_q, t_k), so a new sequence length in a known bucket never re-tunes.
+    bucket of (t_q, t_k), so a new sequence length in a known bucket never re-tunes. With
+    ``time_ms=None`` (a trace: tracing never measures) the cached pick, or the pinned candidate
+    while the bucket is untuned; nothing is cached then, so a later eager call still tunes it.
     """
     configs = _candidates_cached(kernel, head_dim, elem_bytes, shared_limit, capability)
-    if deterministic or len(configs) == 1 or min(t_q, t_k) <= SHORT_T:
+    if _pinned(configs, t_q, t_k, deterministic):
         return configs[0]
-    full_key = (kernel, head_dim, elem_bytes, *key, bucket(t_q), bucket(t_k))
+    full_key = tuning_key(kernel, head_dim, elem_bytes, key, t_q, t_k)
     if full_key not in cache:
+        if time_ms is None:
+            return configs[0]
         cache[full_key] = min(configs, key=time_ms)
     return cache[full_key]

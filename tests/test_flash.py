@@ -98,7 +98,7 @@ def test_causal_end_aligned_mask_with_unequal_lengths(Tq, Tk, D):
 
 
 def test_queries_with_no_visible_key_output_zeros_and_lse_minus_inf():
-    from kernels.flash import flash_attn_fwd
+    from kernels.flash_ops import flash_attn_fwd
     from reference import attention_f64
 
     q, k, v, _ = _inputs((1, 2, 20, 16), (1, 2, 6, 16), torch.float32)
@@ -240,7 +240,7 @@ def test_two_training_steps_match_naive_attention():
 
 def test_custom_op_passes_torch_library_opcheck():
     # schema, fake (meta) implementation vs real outputs, autograd registration
-    from kernels.flash import flash_attn_fwd
+    from kernels.flash_ops import flash_attn_fwd
 
     q, k, v, _ = _inputs((1, 2, 16, 16), (1, 2, 24, 16), torch.float32)
     torch.library.opcheck(flash_attn_fwd, (q, k, v, True, 0.25))
@@ -249,7 +249,7 @@ def test_custom_op_passes_torch_library_opcheck():
 def test_eager_path_equals_the_registered_op_bitwise():
     # eager calls skip the custom op's dispatch (host overhead) but must run the same kernels:
     # same output and gradients, bit for bit, with grad, and without grad
-    from kernels.flash import flash_attn_fwd
+    from kernels.flash_ops import flash_attn_fwd
 
     q, k, v, do = _inputs((2, 2, 50, 32), (2, 2, 70, 32), torch.float32)
     results = []

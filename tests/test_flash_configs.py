@@ -124,7 +124,7 @@ def test_tuning_times_queued_kernels_not_their_launching(monkeypatch):
     stream operations is what is checked; the timing itself runs in tests/test_flash_gpu.py)."""
     import torch
 
-    from kernels import flash
+    from kernels import flash_launch as flash
 
     ops = []
     names = iter(["start", "end"])  # _time_ms creates its two events in this order
@@ -160,7 +160,8 @@ def test_launch_uses_the_fastest_config_and_prints_tunings_on_request(monkeypatc
 
     import torch
 
-    from kernels import flash
+    from kernels import flash_launch as flash
+    from kernels.flash import flash_attention
 
     launched = []
 
@@ -173,9 +174,10 @@ def test_launch_uses_the_fastest_config_and_prints_tunings_on_request(monkeypatc
                 (self.name, BLOCK_M, BLOCK_N, kw.get("num_warps"), kw.get("num_stages")))
 
     fake = types.SimpleNamespace(INTERPRETED=False, KERNELS={n: FakeKernel(n) for n in ("fwd", "dkdv", "dq", "preprocess")})
-    monkeypatch.setattr(flash, "_kernels", lambda q: fake)
+    monkeypatch.setattr(flash, "kernels_for", lambda q: fake)
+    monkeypatch.setattr(flash, "PLANS", {})
     monkeypatch.setattr(flash, "_gpu", lambda fk, device: (fc.TARGETS[90][0], 90))
-    monkeypatch.setattr(flash, "_TUNED", {})
+    monkeypatch.setattr(flash, "TUNED", {})
     monkeypatch.setenv("TRITON_PRINT_AUTOTUNING", "1")
     configs = fc.candidates("fwd", 64, 2, fc.TARGETS[90][0], 90)
     fake_ms = {c: 1.0 + i for i, c in enumerate(reversed(configs))}  # the last candidate is fastest
@@ -186,7 +188,7 @@ def test_launch_uses_the_fastest_config_and_prints_tunings_on_request(monkeypatc
 
     monkeypatch.setattr(flash, "_time_ms", time_ms)
     q = torch.zeros(1, 2, 1000, 64, dtype=torch.bfloat16)
-    flash.flash_attention(q, q, q)
+    flash_attention(q, q, q)
     best = configs[-1]
     assert launched[-1] == ("fwd", *best)  # tuned: every candidate ran once, then the pick
     assert len(launched) == len(configs) + 1
@@ -194,6 +196,6 @@ def test_launch_uses_the_fastest_config_and_prints_tunings_on_request(monkeypatc
     assert err.count("\n") == 1 and err.startswith("flash tuning fwd D=64 bfloat16 T<=1024x1024 on cpu: picked ")
     assert f"picked {best.block_m}x{best.block_n} w{best.num_warps} s{best.num_stages} (" in err
     launched.clear()
-    flash.flash_attention(torch.zeros(1, 2, 900, 64, dtype=torch.bfloat16), q[:, :, :900], q[:, :, :900])
+    flash_attention(torch.zeros(1, 2, 900, 64, dtype=torch.bfloat16), q[:, :, :900], q[:, :, :900])
     assert launched == [("fwd", *best)]  # same bucket: no tuning, no print
     assert capsys.readouterr().err == ""

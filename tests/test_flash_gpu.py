@@ -13,6 +13,10 @@
 3. Model level: GPT-2 small trained 40 AdamW steps under bf16 autocast, and a nano-sized model
    under fp16 autocast with GradScaler, attn=flash vs attn=sdpa from the same seed; the loss
    curves must track within 2%.
+4. The two launch paths (issue 22): the torch.library triton_op passes opcheck; Inductor compiles
+   a flash model in each compile mode (CUDA graphs included) with the Triton kernels in its own
+   generated code (no opaque op call), matching eager; eager calls switch to direct launches of
+   the compiled binaries and stay bitwise the same; a trace after an eager call uses its tuning.
 
 The bounds were first set by reasoning; scripts/bench/gpu_check.sh ran this file on an H200 (torch
 2.11, Triton 3.6) on 2026-11-26, and the tests whose bounds that run changed say what it measured.
@@ -154,11 +158,12 @@ def test_tensors_on_a_non_default_device(no_tf32):
 
 
 def test_autotuning_once_per_bucket_and_no_extra_peak_memory(no_tf32):
-    from kernels import flash
+    from kernels import flash_launch as flash
 
     q, k, v, do = _inputs((4, 8, 1536, 64), (4, 8, 1536, 64), torch.bfloat16)
     leaves = [t.requires_grad_() for t in (q, k, v)]
-    flash._TUNED.clear()
+    flash.TUNED.clear()
+    flash.PLANS.clear()
 
     def step():
         flash_attention(*leaves, causal=True).backward(do)
@@ -171,7 +176,7 @@ def test_autotuning_once_per_bucket_and_no_extra_peak_memory(no_tf32):
     step()  # compiles and tunes fwd, dkdv, dq for the 2048 bucket
     first_s = time.perf_counter() - t0
     first_peak = torch.cuda.max_memory_allocated()
-    tuned = dict(flash._TUNED)
+    tuned = dict(flash.TUNED)
     assert len(tuned) == 3, tuned
     torch.cuda.reset_peak_memory_stats()
     step()
@@ -179,14 +184,15 @@ def test_autotuning_once_per_bucket_and_no_extra_peak_memory(no_tf32):
     assert first_s < 120, f"first call took {first_s:.0f} s"
     q2, k2, v2, do2 = _inputs((4, 8, 1100, 64), (4, 8, 1100, 64), torch.bfloat16)  # same bucket
     flash_attention(*(t.requires_grad_() for t in (q2, k2, v2)), causal=True).backward(do2)
-    assert flash._TUNED == tuned, "a length in a known bucket must not re-tune"
+    assert flash.TUNED == tuned, "a length in a known bucket must not re-tune"
 
 
 def test_deterministic_mode_pins_configs_and_repeats_bitwise():
-    from kernels import flash
+    from kernels import flash_launch as flash
 
     q, k, v, do = _inputs((2, 4, 1024, 64), (2, 4, 1024, 64), torch.bfloat16)
-    flash._TUNED.clear()
+    flash.TUNED.clear()
+    flash.PLANS.clear()
     torch.use_deterministic_algorithms(True)
     try:
         results = []
@@ -197,7 +203,7 @@ def test_deterministic_mode_pins_configs_and_repeats_bitwise():
             results.append([out] + [t.grad for t in leaves])
     finally:
         torch.use_deterministic_algorithms(False)
-    assert flash._TUNED == {}, "deterministic mode must not autotune"
+    assert flash.TUNED == {}, "deterministic mode must not autotune"
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
@@ -220,8 +226,10 @@ def test_every_config_the_tuner_may_pick_is_correct(dtype, D, kernel, cfg, monke
     """The tuner picks by speed, so every shipped config must be right: force each one, in the
     model's strided layout, causal with partial blocks and with a KV-cache offset."""
     from kernels import flash_configs as fc
+    from kernels import flash_launch
 
     real_choose = fc.choose
+    monkeypatch.setattr(flash_launch, "PLANS", {})  # plans keep the configs they were made with
     monkeypatch.setattr(fc, "choose", lambda name, *a, **k: cfg if name == kernel else real_choose(name, *a, **k))
     g = torch.Generator(device="cuda").manual_seed(3)
     for t_q, t_k in ((1000, 1000), (300, 777)):
@@ -295,3 +303,92 @@ def test_nano_fp16_with_grad_scaler_tracks_sdpa():
     flash, sdpa = run(flash_attention), run(sdpa_attention)
     _assert_tracks(flash[:20], sdpa[:20], min_drop=0.5)
     assert max(flash[-1], sdpa[-1]) < 0.02, f"final losses flash {flash[-1]:.4f}, sdpa {sdpa[-1]:.4f}"
+
+
+# ----------------------------------------------------------------------------- launch paths (issue 22)
+
+
+def test_triton_op_passes_opcheck(no_tf32):
+    from kernels import flash_ops
+
+    q, k, v, _ = _inputs((2, 3, 200, 64), (2, 3, 260, 64), torch.bfloat16)
+    torch.library.opcheck(flash_ops.flash_attn_fwd, (q, k, v, True, 0.125))
+    do = torch.randn_like(q)
+    o, lse = flash_ops.flash_attn_fwd(q, k, v, True, 0.125)
+    torch.library.opcheck(flash_ops.flash_attn_bwd, (do, q, k, v, o, lse, True, 0.125))
+
+
+def test_eager_calls_launch_the_binaries_directly_and_stay_bitwise_equal(no_tf32):
+    from kernels import flash_launch
+
+    q, k, v, do = _inputs((2, 4, 700, 64), (2, 4, 700, 64), torch.bfloat16)
+    flash_launch.PLANS.clear()
+    results = []
+    for _ in range(4):  # 1: JIT (and tuning), 2: JIT watched, 3-4: direct
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = flash_attention(*leaves, causal=True)
+        out.backward(do)
+        results.append([out] + [t.grad for t in leaves])
+    (plan,) = flash_launch.PLANS.values()
+    launches = [plan.fwd, *next(iter(plan.bwd.values()))]
+    assert all(launch.compiled is not None for launch in launches), "a launch fell back to Triton's JIT path"
+    for later in results[1:]:
+        for a, b in zip(results[0], later):
+            assert torch.equal(a, b)
+
+
+def _compiled_vs_eager(mode: str, steps: int = 3):
+    from torch._inductor.utils import run_and_get_code
+
+    from models import GPT, GPTConfig
+
+    config = GPTConfig(vocab_size=128, block_size=256, n_layer=2, n_head=4, n_embd=256)  # D=64
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, 128, (4, 257), generator=g).cuda()
+    torch.manual_seed(0)
+    model = GPT(config, flash_attention).cuda()
+    eager_losses, eager_grads = [], None
+    for _ in range(steps):
+        model.zero_grad()
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        eager_losses.append(loss.item())
+        eager_grads = [p.grad.clone() for p in model.parameters()]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, mode=mode, fullgraph=True)
+
+    def step():
+        model.zero_grad()
+        _, loss = compiled(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        return loss.item()
+
+    first, code = run_and_get_code(step)
+    losses = [first] + [step() for _ in range(steps - 1)]
+    return eager_losses, eager_grads, losses, [p.grad for p in model.parameters()], "\n".join(code)
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                         ids=["default", "cudagraphs", "maxautotune"])
+def test_inductor_compiles_flash_in_each_mode_matching_eager(mode, no_tf32):
+    eager_losses, eager_grads, losses, grads, code = _compiled_vs_eager(mode)
+    assert "_fwd_kernel" in code and "_bwd_dkdv_kernel" in code and "_bwd_dq_kernel" in code, \
+        "Inductor's code does not launch the flash kernels itself"
+    assert "gptlab" not in code, "an opaque flash op call is left in the compiled code"
+    assert losses == pytest.approx(eager_losses, rel=1e-4)  # fp32, IEEE matmuls in both
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_a_trace_after_an_eager_call_uses_the_tuned_configs(no_tf32):
+    from kernels import flash_launch
+
+    q, k, v, do = _inputs((2, 4, 1024, 64), (2, 4, 1024, 64), torch.bfloat16)
+    flash_launch.TUNED.clear()
+    flash_launch.TRACE_PINNED.clear()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    flash_attention(*leaves, causal=True).backward(do)  # tunes fwd, dkdv, dq for the 1024 bucket
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, k, v: flash_attention(q, k, v, causal=True), fullgraph=True)
+    fn(*leaves).backward(do)
+    assert flash_launch.TRACE_PINNED == set()

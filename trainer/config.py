@@ -140,6 +140,22 @@ SETTINGS = {
 _MAX_INT = 2**63 - 1  # torch seeds and step counters are int64
 
 
+# The torch.compile modes every implementation is tested under (reduce-overhead: CUDA graphs, which
+# flash's triton_op launches are captured by like any Inductor kernel); torch's own spellings.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
+def compile_mode(mode: str | None) -> str:
+    """``mode`` for ``torch.compile(..., mode=mode)`` (None: "default"), or an ConfigError naming
+    the modes: one line where torch.compile would give a traceback."""
+    mode = "default" if mode is None else mode
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"compile_mode={mode!r} is not one of the torch.compile modes tested here: "
+                               f"{', '.join(COMPILE_MODES)}")
+    return mode
+
+
+
 def check_settings(cfg, world_size: int = 1) -> tuple[int, int]:
     """Every numeric top-level key has the right type and range, or a one-line error names it; the
     batch fits the model and splits over ``world_size`` ranks. Returns (accumulation micro-steps per

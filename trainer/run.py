@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from models import GPT
 from trainer import data as data_lib
 from trainer import pretrained as pretrained_lib
-from trainer.config import build, check_settings, merge_overrides, resume_config
+from trainer.config import build, check_settings, compile_mode, merge_overrides, resume_config
 from trainer.errors import OutputError, UserError
 from trainer.monitor import Monitor
 from trainer.rundir import RunDir, load_checkpoint, os_reason, restore
@@ -77,7 +77,8 @@ class Run:
         self.raw_model = GPT(self.model_config, build(cfg.attn)).to(self.device)
         if pretrained is not None:  # fine-tuning: the checkpoint's weights replace the random ones
             pretrained.load_into(self.raw_model)
-        self.fwd_model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
+        self.fwd_model = torch.compile(self.raw_model, mode=compile_mode(cfg.get("compile_mode"))) if cfg.compile \
+            else self.raw_model
         self.model = self.fwd_model
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP

@@ -4,6 +4,8 @@
     python scripts/bench/bench_attention.py --plot attn.png        # also plot time and memory against T
     TRITON_INTERPRET=1 python scripts/bench/bench_attention.py --include-flash --seq-lens 64 128
     python scripts/bench/bench_attention.py --tflops               # CUDA only: TFLOP/s vs SDPA's flash backend
+    python scripts/bench/bench_attention.py --overhead             # CUDA: host time above the kernels' GPU time
+    python scripts/bench/bench_attention.py --host-python          # any machine: flash's Python per call, launches no-op'd
 
 On a CPU shared with other jobs, run with OMP_WAIT_POLICY=PASSIVE (or --threads 1): spinning
 OpenMP workers that lose their core make an implementation of many small ops (online) look 10x
@@ -15,6 +17,16 @@ events, median over ~100 ms of repetitions after warm-up): back-to-back calls, s
 takes longer to launch a call than the GPU takes to run it (short T), those columns time the
 launching. Its "kernels" columns time the same fwd+bwd with the host taken out: the stream is
 held by a GPU spin while the calls queue behind it, as in training, where the CPU runs ahead.
+``--overhead`` (CUDA) reports, per implementation and T, the GPU time of one forward+backward
+with the host taken out (``held_ms``: the calls queue behind a GPU spin), the wall time per call
+of ``--calls`` back-to-back calls (synchronized before and after), and their difference, the host
+overhead: what a caller waits beyond the kernels' own time (``host_overhead_ms``). Rounds
+alternate the implementations (``common.alternated``); cells are medians over rounds.
+``--host-python`` (any machine, no GPU needed) times the Python of one eager forward+backward
+through flash's wrapper with every Triton launch replaced by a no-op (the plan, allocations,
+autograd), beside the same for an autograd.Function that only clones its input (the floor any
+Python attention pays); the CPU default run prints it too.
+
 Memory is measured for every (implementation, T) point in a fresh subprocess so that its peak
 figure is its own, with trainer/monitor.py's peak-memory helpers: on CUDA
 ``torch.cuda.max_memory_allocated`` during one forward+backward, above what was allocated before it; on CPU the process's peak RSS (VmHWM, reset through /proc/self/clear_refs) during one
@@ -36,6 +48,7 @@ import time
 
 import torch
 
+import common
 from kernels import ATTENTION
 from trainer.monitor import peak_memory_bytes, reset_peak_memory
 
@@ -48,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq-lens", type=int, nargs="+", default=None, help="default 128 512 1024 2048 4096")
     p.add_argument("--batch", type=int, default=None, help="default 1 (4 with --tflops)")
-    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--heads", type=int, default=None, help="default 8 (16 with --overhead)")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp32 on CPU, bf16 on CUDA")
     p.add_argument("--device", default=None, help="default cuda when available, else cpu")
@@ -62,10 +75,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="on CPU, run the Triton flash kernel under TRITON_INTERPRET=1 (T <= 256 only)")
     p.add_argument("--plot", metavar="FILE.png", default=None, help="write a plot of time and memory against T")
     p.add_argument("--tflops", action="store_true", help="CUDA only: forward and fwd+bwd TFLOP/s, T 512..16k")
+    p.add_argument("--overhead", action="store_true", help="CUDA only: host overhead per fwd+bwd (B=4 H=16 D=64)")
+    p.add_argument("--host-python", action="store_true", help="flash's Python per fwd+bwd with no-op launches")
+    p.add_argument("--calls", type=int, default=50, help="--overhead / --host-python: back-to-back calls per round")
+    p.add_argument("--rounds", type=int, default=5, help="--overhead / --host-python: alternated rounds")
+    p.add_argument("--json", metavar="FILE", default=None, help="--overhead: also write the rows as JSON")
     p.add_argument("--worker", choices=IMPLS, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.heads = args.heads or (16 if args.overhead else 8)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     return args
@@ -354,6 +373,72 @@ def held_ms(step, leaves: list, max_calls: int = 20) -> tuple[float, float | Non
     return queued_s / calls * 1e3, (start.elapsed_time(end) / calls if queued_s < 0.25 else None)
 
 
+def host_overhead_ms(wall_s: float, calls: int, kernel_ms: float) -> float:
+    """Host time above the kernels' own: the wall time per call of ``calls`` back-to-back calls
+    (``wall_s`` for all of them) minus the GPU time of one call with the host taken out. Zero when
+    the GPU is the bottleneck; negative only by noise."""
+    if calls < 1:
+        raise ValueError(f"calls must be at least 1, got {calls}")
+    return wall_s * 1e3 / calls - kernel_ms
+
+
+def overhead_row(impl: str, T: int, rounds: list[dict]) -> dict:
+    """One table row from a point's rounds, each ``{"wall_s", "calls", "kernel_ms", "host_ms"}``
+    measured side by side: medians over rounds; the overhead is taken per round, then its median."""
+    per_round = [host_overhead_ms(r["wall_s"], r["calls"], r["kernel_ms"]) for r in rounds]
+    return {"impl": impl, "T": T, "kernel_ms": common.median([r["kernel_ms"] for r in rounds]),
+            "wall_ms": common.median([r["wall_s"] * 1e3 / r["calls"] for r in rounds]),
+            "host_ms": common.median([r["host_ms"] for r in rounds]), "overhead_ms": common.median(per_round),
+            "overhead_rounds_ms": per_round}
+
+
+def run_overhead(args: argparse.Namespace) -> list[dict]:
+    """``--overhead``: per T, flash / sdpa-flash (and flash-op, the registered op called eagerly)
+    side by side in alternated rounds; prints the table and returns its rows."""
+    if not torch.cuda.is_available() or not args.device.startswith("cuda"):
+        raise SystemExit("--overhead needs a CUDA device; on a CPU run --host-python for the part that needs none")
+    B, H, D = args.batch or 4, args.heads, args.head_dim
+    seq_lens = args.seq_lens or [512, 1024, 2048, 4096]
+    impls = {"flash": load_impl("flash", None), "sdpa-flash": load_impl("sdpa-flash", None)}
+    print(f"\nhost overhead per fwd+bwd, {args.dtype}, causal={args.causal}, B={B} H={H} D={D}; medians of "
+          f"{args.rounds} alternated rounds of {args.calls} back-to-back calls\n")
+    print("| T | impl | kernels ms (host taken out) | back-to-back ms / call | host overhead ms | host launch ms |")
+    print("|---:|---|---:|---:|---:|---:|")
+    rows = []
+    for T in seq_lens:
+        q, k, v, do = make_inputs(B, H, T, D, DTYPES[args.dtype], "cuda")
+
+        def measure(fn):
+            step = lambda: fn(q, k, v, causal=args.causal).backward(do)  # noqa: E731
+
+            def one_round() -> dict:
+                host, kernel = held_ms(step, [q, k, v])
+                q.grad = k.grad = v.grad = None
+                wall = common.seconds(lambda: (step(), setattr(q, "grad", None)), repeat=args.calls,
+                                      sync=torch.cuda.synchronize) * args.calls
+                return {"wall_s": wall, "calls": args.calls, "kernel_ms": kernel, "host_ms": host}
+            return one_round
+
+        raw: dict[str, list[dict]] = {name: [] for name in impls}
+
+        def recorder(name: str, one_round):
+            def figure() -> float:
+                raw[name].append(one_round())
+                return raw[name][-1]["wall_s"]
+            return figure
+
+        common.alternated({name: recorder(name, measure(fn)) for name, fn in impls.items()}, args.rounds)
+        for name in sorted(raw):
+            if any(x["kernel_ms"] is None for x in raw[name]):
+                print(f"| {T} | {name} | n/a (host too slow to queue) | | | |")
+                continue
+            row = overhead_row(name, T, raw[name])
+            rows.append(row)
+            print(f"| {T} | {name} | {row['kernel_ms']:.3f} | {row['wall_ms']:.3f} | {row['overhead_ms']:.3f} | "
+                  f"{row['host_ms']:.3f} |", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
@@ -361,6 +446,17 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.tflops:
         run_tflops(args)
+        return
+    if args.host_python:
+        from flash_host import describe, host_python_us
+
+        print(describe(host_python_us(calls=args.calls, rounds=args.rounds)))
+        return
+    if args.overhead:
+        rows = run_overhead(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
         return
     args.batch = args.batch or 1
     args.seq_lens = args.seq_lens or [128, 512, 1024, 2048, 4096]
@@ -383,6 +479,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"- {note}")
     if args.plot:
         plot(results, args)
+    if not args.device.startswith("cuda"):
+        from flash_host import describe, host_python_us
+
+        print("\n" + describe(host_python_us(calls=args.calls, rounds=args.rounds)))
 
 
 if __name__ == "__main__":

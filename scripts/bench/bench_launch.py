@@ -39,7 +39,7 @@ class _Empty(torch.autograd.Function):
 
 
 def implementations() -> dict:
-    from kernels.flash import flash_attn_fwd
+    from kernels.flash_ops import flash_attn_fwd
 
     return {
         "flash": load_impl("flash", None),

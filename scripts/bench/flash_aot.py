@@ -26,7 +26,7 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
-# (dtype label, pointer type, bytes per element, tl.dot input_precision) as kernels/flash.py launches
+# (dtype label, pointer type, bytes per element, tl.dot input_precision) as kernels/flash_launch.py launches
 DTYPES = {
     "fp16": ("fp16", 2, "ieee"),
     "bf16": ("bf16", 2, "ieee"),
