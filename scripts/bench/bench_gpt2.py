@@ -13,7 +13,7 @@ compiled) first, then the timing alternates: every round runs ``--steps`` traini
 (forward, backward, clip, AdamW) of each variant in an order rotated from round to round
 (``common.alternated``), synchronized before and after. tokens/s is the median over rounds; a
 ratio is the median of the per-round ratios, each round's shown beside it. MFU follows
-trainer/mfu.py (6N + 12LTd FLOPs per token against the GPU's dense bf16 peak).
+trainer/monitor.py (6N + 12LTd FLOPs per token against the GPU's dense bf16 peak).
 
 Warm-up runs the eager variants first, so flash's eager variant tunes its launch configs before
 the compiled one is traced: a trace only looks configs up (kernels/flash_launch.py), and the
@@ -92,14 +92,14 @@ def sync(device: str) -> None:
 def peak_flops(device: str) -> float | None:
     if not device.startswith("cuda"):
         return None
-    from trainer.mfu import gpu_peak_flops
+    from trainer.monitor import gpu_peak_flops
 
     return gpu_peak_flops(torch.cuda.get_device_name(), "bf16")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from trainer.mfu import model_flops_per_token
+    from trainer.monitor import model_flops_per_token
 
     modes = {"both": (False, True), "eager": (False,), "compiled": (True,)}[args.compile]
     variants, notes, first_s = {}, [], {}
