@@ -396,3 +396,25 @@ def test_compiled_fullgraph_matches_eager():
                                                                                    backend="aot_eager"))]
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreted run of the benchmark's --window mode")
+def test_bench_attention_window_mode_times_each_window_beside_causal(capsys):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    bench_dir = str(Path(__file__).resolve().parents[1] / "scripts" / "bench")
+    sys.path.insert(0, bench_dir)
+    try:
+        ba = importlib.import_module("bench_attention")
+        ba.main(["--window", "8", "40", "--seq-lens", "64", "100", "--heads", "1", "--head-dim", "16",
+                 "--repeats", "1", "--device", "cpu"])
+        rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" not in line]
+        assert [r.split(" | ")[:2] for r in rows] == [[f"| {T}", name] for T in (64, 100)
+                                                       for name in ("causal", "window=8", "window=40")]
+        assert all(r.endswith("1.00x |") for r in rows if "causal" in r)
+        with pytest.raises(SystemExit, match="drop --no-causal"):
+            ba.main(["--window", "8", "--no-causal", "--device", "cpu"])
+    finally:
+        sys.path.remove(bench_dir)
