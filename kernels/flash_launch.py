@@ -136,10 +136,10 @@ def _gpu(fk, device: torch.device) -> tuple[int, int]:
     return _GPUS[device.index]
 
 
-def window_bucket(consts: dict) -> int | None:
-    """The window's power-of-two bucket (None: no window): the work per program grows with the
-    window, so windows of one bucket share a tuning result, like lengths of one bucket."""
-    return fc.bucket(consts["WINDOW"]) if consts["WINDOW"] else None
+def window_bucket(consts: dict) -> int:
+    """The window's power-of-two bucket (0: no window, so keys stay sortable): the work per program
+    grows with the window, so windows of one bucket share a tuning result, like lengths of one bucket."""
+    return fc.bucket(consts["WINDOW"]) if consts["WINDOW"] else 0
 
 
 def _tuning_args(fk, q: torch.Tensor, consts: dict) -> tuple:

@@ -66,7 +66,7 @@ def trace(seed_tuning, window=None):
     if seed_tuning:  # what an eager call before compiling leaves in the cache: the last candidate wins
         for name in fc.TUNED_KERNELS:
             last = fc.candidates(name, 64, 2, fc.TARGETS[90][0])[-1]
-            flash.TUNED[fc.tuning_key(name, 64, 2, (None, "torch.bfloat16", True, "ieee", None), 256, 256)] = last
+            flash.TUNED[fc.tuning_key(name, 64, 2, (None, "torch.bfloat16", True, "ieee", 0), 256, 256)] = last
     torch.manual_seed(0)
     attn = flash_attention if window is None else functools.partial(flash_attention, window=window)
     model = GPT(GPTConfig(vocab_size=64, block_size=256, n_layer=2, n_head=2, n_embd=128), attn)
