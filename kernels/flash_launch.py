@@ -184,8 +184,9 @@ def traced_config(fk, name: str, q: torch.Tensor, t_q, t_k, consts: dict) -> fc.
             TRACE_PINNED.add((name, q.shape[-1], str(q.dtype), fc.bucket(t_q), fc.bucket(t_k), window_bucket(consts)))
             if os.environ.get("TRITON_PRINT_AUTOTUNING") == "1":
                 print(f"flash trace {name} D={q.shape[-1]} {str(q.dtype).replace('torch.', '')} "
-                      f"T<={fc.bucket(t_q)}x{fc.bucket(t_k)}{_window_label(consts)}: not tuned in this process, so the graph gets the "
-                      "pinned config (tracing never tunes; an eager call before compiling tunes it)",
+                      f"T<={fc.bucket(t_q)}x{fc.bucket(t_k)}{_window_label(consts)}: not tuned in this process, "
+                      "so the graph gets the pinned config (tracing never tunes; an eager call before compiling "
+                      "tunes it)",
                       file=sys.stderr, flush=True)
     return config(fk, name, q, t_q, t_k, consts, None)
 

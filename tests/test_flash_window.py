@@ -306,7 +306,8 @@ def test_bad_window_is_a_one_line_value_error_naming_it(window):
 
 def test_window_needs_causal():
     q, k, v, _ = _inputs((1, 2, 8, 16), (1, 2, 8, 16), torch.float32)
-    with pytest.raises(ValueError, match=r"^flash_attention: window=4 is a causal sliding window; it needs causal=True$"):
+    needs_causal = r"^flash_attention: window=4 is a causal sliding window; it needs causal=True$"
+    with pytest.raises(ValueError, match=needs_causal):
         flash_attention(q, k, v, causal=False, window=4)
     assert flash_attention(q, k, v, causal=False, window=None).shape == q.shape
 
@@ -314,9 +315,10 @@ def test_window_needs_causal():
 def test_check_window_messages():
     check_window(None, False, "x")
     check_window(1, True, "x")
-    with pytest.raises(ValueError, match=r"^x: window must be a positive integer \(keys a query sees\) or None, got 0$"):
+    positive = r"^x: window must be a positive integer \(keys a query sees\) or None, got "
+    with pytest.raises(ValueError, match=positive + "0$"):
         check_window(0, True, "x")
-    with pytest.raises(ValueError, match=r"^x: window must be a positive integer \(keys a query sees\) or None, got True$"):
+    with pytest.raises(ValueError, match=positive + "True$"):
         check_window(True, True, "x")
     with pytest.raises(ValueError, match=r"^x: window=5 is a causal sliding window; it needs causal=True$"):
         check_window(5, False, "x")
