@@ -64,6 +64,17 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str = "at
         raise ValueError(f"{name}: q {tuple(q.shape)} and k {tuple(k.shape)} must agree on B, H and D")
 
 
+def check_window(window: int | None, causal: bool, name: str) -> None:
+    """Raise ValueError unless ``window`` is None or a positive int (the keys a query sees: its
+    own and the ``window - 1`` before it) used with ``causal=True``."""
+    if window is None:
+        return
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"{name}: window must be a positive integer (keys a query sees) or None, got {window!r}")
+    if not causal:
+        raise ValueError(f"{name}: window={window} is a causal sliding window; it needs causal=True")
+
+
 def causal_mask(tq: int, tk: int, device=None) -> torch.Tensor:
     """(Tq, Tk) boolean mask, True where query i may attend key j: ``j <= i + (Tk - Tq)``.
 

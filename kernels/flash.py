@@ -1,4 +1,4 @@
-"""FlashAttention-2 in Triton: ``flash_attention(q, k, v, causal=True, scale=None)``.
+"""FlashAttention-2 in Triton: ``flash_attention(q, k, v, causal=True, scale=None, window=None)``.
 
 The kernels live in ``kernels/flash_triton.py`` and are imported on the first call, so importing
 this module never imports Triton. On CUDA the kernels are compiled, and each is launched with a
@@ -11,7 +11,7 @@ Two paths run the same kernels:
 
 - eager calls go through ``_FlashFunction`` (a plain ``torch.autograd.Function``) and a launch
   plan (``kernels/flash_launch.py``) made once per (shapes, strides, dtype, device, causal,
-  settings): the inputs are checked, the configs chosen, the grids and argument tuples worked out
+  window, settings): the inputs are checked, the configs chosen, the grids and argument tuples worked out
   and, on a GPU, each kernel's compiled binary kept, so a later call with the same key only
   allocates its outputs and launches those binaries through Triton's low-level launcher (skipping
   ``JITFunction.run``'s per-call argument binding and cache lookup, the largest host cost measured
@@ -32,12 +32,17 @@ inputs multiply in full fp32 (``input_precision="ieee"``) unless TF32 is enabled
 case they use TF32 like every other fp32 matmul of the run. Causal attention with Tq != Tk uses
 the end-aligned mask (a KV cache's new queries see the whole cache). Any (batch, head, time)
 strides are read directly; a non-unit stride along D is copied first.
+
+``window=W`` (causal only) is a sliding window on that mask: query i, at key position
+``p = i + (Tk - Tq)``, sees keys ``p - W < j <= p`` (its own and the W - 1 before). The kernels
+skip the key (or query) blocks outside every row's window and mask only the tiles on its edges,
+so the cost grows with W, not with T; ``window=None`` runs the unchanged causal kernels.
 """
 from __future__ import annotations
 
 import torch
 
-from kernels import resolve_scale, tf32_enabled  # noqa: F401 (tf32_enabled: flash's fp32 switch, read here too)
+from kernels import check_window, resolve_scale, tf32_enabled  # noqa: F401 (tf32_enabled: flash's fp32 switch)
 from kernels import flash_launch as launch
 from kernels.flash_launch import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, Plan, check, unit_last_stride
 
@@ -81,20 +86,25 @@ def _needs_op(q: torch.Tensor) -> bool:
 
 
 def flash_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v on (B, H, T, D) tensors with the Triton FlashAttention-2 kernels."""
+    """softmax(q k^T * scale + mask) v on (B, H, T, D) tensors with the Triton FlashAttention-2 kernels;
+    ``window``: each query sees only its ``window`` latest keys (causal sliding window)."""
+    if window is not None:  # before the plan lookup: True would find window=1's plan
+        check_window(window, causal, "flash_attention")
     if _needs_op(q):
         check(q, k, v)
         q, k, v = (unit_last_stride(t) for t in (q, k, v))
-        return ops().flash_attn_fwd(q, k, v, bool(causal), resolve_scale(scale, q.shape[-1]))[0]
+        return ops().flash_attn_fwd(q, k, v, bool(causal), resolve_scale(scale, q.shape[-1]),
+                                    -1 if window is None else window)[0]
     try:
-        plan = launch.PLANS[launch.key(q, k, v, causal)]
+        plan = launch.PLANS[launch.key(q, k, v, causal, window)]
     except (KeyError, AttributeError, TypeError):  # first sight, or not tensors (check says what is wrong)
         check(q, k, v)
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             q, k, v = (unit_last_stride(t) for t in (q, k, v))
-        plan = launch.plan_for(q, k, v, causal)
+        plan = launch.plan_for(q, k, v, causal, window)
     scale = plan.scale if scale is None else float(scale)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _FlashFunction.apply(q, k, v, plan, scale)

@@ -7,7 +7,7 @@ Imported by ``kernels/flash.py`` (the public function and its autograd) and ``ke
   sequence lengths on their own arguments (``flash_configs.choose``); a trace only looks the
   bucket up (the cached pick, or the pinned candidate, recorded in ``TRACE_PINNED``).
 - ``plan_for``: an eager call's plan, made once per (shapes, strides, dtypes, devices, pointer
-  alignment, mask, deterministic/TF32 settings): the inputs checked, configs chosen, grids and
+  alignment, mask and window, deterministic/TF32 settings): the inputs checked, configs chosen, grids and
   stride tuples worked out, and on a GPU each kernel's compiled binary kept (``_Launch``), so a
   later call with the same key only allocates its outputs and hands the arguments to Triton's
   low-level launcher, skipping ``JITFunction.run``'s per-call binding and cache lookup.
@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from kernels import UnavailableError, UnsupportedError, check_qkv, resolve_scale, tf32_enabled
+from kernels import UnavailableError, UnsupportedError, check_qkv, check_window, resolve_scale, tf32_enabled
 from kernels import flash_configs as fc
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -94,11 +94,13 @@ def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def constexprs(fk, q: torch.Tensor, causal: bool) -> dict:
-    """The dtype-dependent flags every attention kernel takes, by name."""
+def constexprs(fk, q: torch.Tensor, causal: bool, window: int | None = None) -> dict:
+    """The mask and dtype-dependent flags every attention kernel takes, by name. The window is a
+    constexpr (0 = none): the no-window kernels compile as if it did not exist, and each window
+    size gets its own binary with its bounds folded in (a model uses one or two sizes)."""
     tf32 = q.dtype == torch.float32 and q.device.type == "cuda" and tf32_enabled()
     return dict(
-        HEAD_D=q.shape[-1], CAUSAL=causal,
+        HEAD_D=q.shape[-1], CAUSAL=causal, WINDOW=0 if window is None else int(window),
         UPCAST=fk.INTERPRETED and q.dtype == torch.bfloat16,  # the interpreter's bf16 tl.dot is wrong
         PRECISION="tf32" if tf32 else "ieee",  # only fp32 operands read it
     )
@@ -121,9 +123,9 @@ def meta(name: str, cfg: fc.Config, consts: dict, interpreted: bool) -> dict:
 
 # ----------------------------------------------------------------------------- launch configs
 
-TUNED: dict = {}  # (kernel, D, bytes, device, dtype, causal, precision, T buckets) -> Config
+TUNED: dict = {}  # (kernel, D, bytes, device, dtype, causal, precision, window bucket, T buckets) -> Config
 _GPUS: dict = {}  # CUDA device index -> (opt-in shared memory per block, 10 * major + minor)
-TRACE_PINNED: set = set()  # (kernel, D, dtype, T buckets) a trace found untuned and gave the pinned config
+TRACE_PINNED: set = set()  # (kernel, D, dtype, T buckets, window bucket) a trace found untuned and pinned
 
 
 def _gpu(fk, device: torch.device) -> tuple[int, int]:
@@ -134,10 +136,17 @@ def _gpu(fk, device: torch.device) -> tuple[int, int]:
     return _GPUS[device.index]
 
 
+def window_bucket(consts: dict) -> int:
+    """The window's power-of-two bucket (0: no window, so keys stay sortable): the work per program
+    grows with the window, so windows of one bucket share a tuning result, like lengths of one bucket."""
+    return fc.bucket(consts["WINDOW"]) if consts["WINDOW"] else 0
+
+
 def _tuning_args(fk, q: torch.Tensor, consts: dict) -> tuple:
-    """(tuning key: device, dtype, mask, precision; shared memory per block; capability; deterministic)."""
+    """(tuning key: device, dtype, mask, precision, window bucket; shared memory per block;
+    capability; deterministic)."""
     shared, capability = _gpu(fk, q.device)
-    key = (q.device.index, str(q.dtype), consts["CAUSAL"], consts["PRECISION"])
+    key = (q.device.index, str(q.dtype), consts["CAUSAL"], consts["PRECISION"], window_bucket(consts))
     return key, shared, capability, torch.are_deterministic_algorithms_enabled()
 
 
@@ -160,7 +169,7 @@ def config(fk, name: str, q: torch.Tensor, t_q: int, t_k: int, consts: dict, arg
     cfg = fc.choose(name, consts["HEAD_D"], q.element_size(), shared, t_q, t_k, key, time_ms, TUNED,
                     deterministic, capability)
     if timings and os.environ.get("TRITON_PRINT_AUTOTUNING") == "1":  # Triton's own switch for this
-        _print_tuning(name, q, t_q, t_k, cfg, timings)
+        _print_tuning(name, q, t_q, t_k, cfg, timings, consts)
     return cfg
 
 
@@ -172,24 +181,30 @@ def traced_config(fk, name: str, q: torch.Tensor, t_q, t_k, consts: dict) -> fc.
         key, shared, capability, deterministic = _tuning_args(fk, q, consts)
         if fc.needs_tuning(name, consts["HEAD_D"], q.element_size(), shared, t_q, t_k, key, TUNED,
                            deterministic, capability):
-            TRACE_PINNED.add((name, q.shape[-1], str(q.dtype), fc.bucket(t_q), fc.bucket(t_k)))
+            TRACE_PINNED.add((name, q.shape[-1], str(q.dtype), fc.bucket(t_q), fc.bucket(t_k), window_bucket(consts)))
             if os.environ.get("TRITON_PRINT_AUTOTUNING") == "1":
                 print(f"flash trace {name} D={q.shape[-1]} {str(q.dtype).replace('torch.', '')} "
-                      f"T<={fc.bucket(t_q)}x{fc.bucket(t_k)}: not tuned in this process, so the graph gets the "
-                      "pinned config (tracing never tunes; an eager call before compiling tunes it)",
+                      f"T<={fc.bucket(t_q)}x{fc.bucket(t_k)}{_window_label(consts)}: not tuned in this process, "
+                      "so the graph gets the pinned config (tracing never tunes; an eager call before compiling "
+                      "tunes it)",
                       file=sys.stderr, flush=True)
     return config(fk, name, q, t_q, t_k, consts, None)
+
+
+def _window_label(consts: dict) -> str:
+    return f" window<={window_bucket(consts)}" if consts["WINDOW"] else ""
 
 
 def _label(c: fc.Config) -> str:
     return f"{c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}"
 
 
-def _print_tuning(name: str, q: torch.Tensor, t_q: int, t_k: int, cfg: fc.Config, timings: dict) -> None:
+def _print_tuning(name: str, q: torch.Tensor, t_q: int, t_k: int, cfg: fc.Config, timings: dict,
+                  consts: dict) -> None:
     """One line per tuning (to stderr: stdout may be a sample's text): the pick and every timing."""
     others = ", ".join(f"{_label(c)} {ms * 1000:.1f} us" for c, ms in sorted(timings.items(), key=lambda kv: kv[1]))
     print(f"flash tuning {name} D={q.shape[-1]} {str(q.dtype).replace('torch.', '')} "
-          f"T<={fc.bucket(t_q)}x{fc.bucket(t_k)} on {q.device}: picked {_label(cfg)} ({others})",
+          f"T<={fc.bucket(t_q)}x{fc.bucket(t_k)}{_window_label(consts)} on {q.device}: picked {_label(cfg)} ({others})",
           file=sys.stderr, flush=True)
 
 
@@ -280,7 +295,7 @@ class Plan:
     """Everything about a forward+backward that depends only on the key: checked inputs, output
     shapes, configs, grids, stride tuples and the launches (the backward's per dO layout)."""
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool):
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int | None = None):
         self.fk = kernels_for(q)
         B, H, self.t_q, D = q.shape
         self.t_k, self.h, self.causal = k.shape[2], H, causal
@@ -288,7 +303,7 @@ class Plan:
         self.gpu = q.device.index if q.device.type == "cuda" else None
         self.stream = self.fk.triton.runtime.driver.active.get_current_stream if self.gpu is not None else None
         self.o_shape, self.lse_shape, self.kv_shape = (B, H, self.t_q, D), (B, H, self.t_q), tuple(k.shape)
-        self.consts = constexprs(self.fk, q, causal)
+        self.consts = constexprs(self.fk, q, causal, window)
         self.qkv_strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
         self.fwd_tail = (*self.qkv_strides, H, self.t_q, self.t_k)
         self.fwd: _Launch | None = None
@@ -343,22 +358,25 @@ class Plan:
         return dq, dk, dv
 
 
-PLANS: dict = {}  # key(q, k, v, causal) -> Plan
+PLANS: dict = {}  # key(q, k, v, causal, window) -> Plan
 
 
-def key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal) -> tuple:
-    """Every value a plan depends on: shapes, strides, dtypes, devices, pointer alignment, the mask,
-    and the global settings that change a config (deterministic algorithms, TF32 for fp32)."""
+def key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal, window: int | None = None) -> tuple:
+    """Every value a plan depends on: shapes, strides, dtypes, devices, pointer alignment, the mask
+    and its window (checked by the caller: True would hash as 1), and the global settings that
+    change a config (deterministic algorithms, TF32 for fp32)."""
     return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype,
             q.device, k.device, v.device, q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, bool(causal),
-            torch.are_deterministic_algorithms_enabled(), q.dtype is torch.float32 and q.is_cuda and tf32_enabled())
+            window, torch.are_deterministic_algorithms_enabled(),
+            q.dtype is torch.float32 and q.is_cuda and tf32_enabled())
 
 
-def plan_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal) -> Plan:
+def plan_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal, window: int | None = None) -> Plan:
     """The launch plan of these inputs, made (inputs checked, configs chosen) on first sight."""
-    plan_key = key(q, k, v, causal)
+    plan_key = key(q, k, v, causal, window)
     plan = PLANS.get(plan_key)
     if plan is None:
         check(q, k, v)
-        plan = PLANS[plan_key] = Plan(q, k, v, bool(causal))
+        check_window(window, causal, "flash_attention")
+        plan = PLANS[plan_key] = Plan(q, k, v, bool(causal), window)
     return plan

@@ -2,9 +2,11 @@
 dispatch modes see of ``flash_attention``. Imported by ``kernels.flash.ops()`` on first use (it
 imports Triton); eager calls never come here (``kernels/flash.py``'s plans launch the same kernels).
 
-- ``gptlab::flash_attn_fwd(q, k, v, causal, scale) -> (out, lse)`` and
-  ``gptlab::flash_attn_bwd(do, q, k, v, o, lse, causal, scale) -> (dq, dk, dv)``, with the
-  backward registered as the forward's autograd formula.
+- ``gptlab::flash_attn_fwd(q, k, v, causal, scale, window=-1) -> (out, lse)`` and
+  ``gptlab::flash_attn_bwd(do, q, k, v, o, lse, causal, scale, window=-1) -> (dq, dk, dv)``, with
+  the backward registered as the forward's autograd formula. ``window`` is a plain int, -1 for
+  none: torch 2.13 would infer ``SymInt?`` from ``int | None``, but a plain int with a default
+  keeps the schema the same shape in older torch versions and the 5-argument calls working.
 - On a GPU both are ``torch.library.triton_op``: their bodies are ordinary PyTorch (allocations)
   plus ``wrap_triton`` launches, so AOTAutograd traces through them and Inductor sees each Triton
   kernel (a ``triton_kernel_wrapper_functional`` node with its grid and constexprs) and launches
@@ -24,6 +26,7 @@ import contextlib
 import torch
 from torch.library import wrap_triton
 
+from kernels import check_window
 from kernels import flash_launch as flash
 from kernels.flash_triton import INTERPRETED, _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess, _fwd_kernel
 
@@ -35,7 +38,14 @@ def _guard(q: torch.Tensor):
     return flash.on_device(q) if type(q) is torch.Tensor else contextlib.nullcontext()
 
 
-def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+def _window(window: int, causal: bool, op: str) -> int | None:
+    """The op's window argument (-1: none) as flash_attention's, checked the same way."""
+    window = None if window == -1 else int(window)  # a symbolic int is specialized: it is a constexpr
+    check_window(window, causal, op)
+    return window
+
+
+def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, window: int = -1
          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse): the attention output and each row's natural-log log-sum-exp (float32)."""
     fk = flash.kernels_for(q)
@@ -43,7 +53,7 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale:
     T_K = k.shape[2]
     o = torch.empty((B, H, T_Q, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T_Q), dtype=torch.float32, device=q.device)
-    consts = flash.constexprs(fk, q, causal)
+    consts = flash.constexprs(fk, q, causal, _window(window, causal, FWD))
     cfg = flash.traced_config(fk, "fwd", q, T_Q, T_K, consts)
     with _guard(q):
         wrap_triton(_fwd_kernel)[flash.grid("fwd", cfg, T_Q, T_K, B * H)](
@@ -53,13 +63,13 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale:
 
 
 def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-         causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+         causal: bool, scale: float, window: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from the forward's saved tensors; P is recomputed from lse, never stored."""
     fk = flash.kernels_for(q)
     do = flash.unit_last_stride(do)
     B, H, T_Q, D = q.shape
     T_K = k.shape[2]
-    consts = flash.constexprs(fk, q, causal)
+    consts = flash.constexprs(fk, q, causal, _window(window, causal, BWD))
     dq = torch.empty((B, H, T_Q, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, H, T_K, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, H, T_K, D), dtype=v.dtype, device=v.device)
@@ -77,12 +87,12 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
     return dq, dk, dv
 
 
-def _fwd_shapes(q, k, v, causal, scale):
+def _fwd_shapes(q, k, v, causal, scale, window=-1):
     B, H, T_Q, D = q.shape
     return q.new_empty((B, H, T_Q, D)), q.new_empty((B, H, T_Q), dtype=torch.float32)
 
 
-def _bwd_shapes(do, q, k, v, o, lse, causal, scale):
+def _bwd_shapes(do, q, k, v, o, lse, causal, scale, window=-1):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -97,16 +107,16 @@ else:
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, causal, scale = inputs
+    q, k, v, causal, scale, window = inputs
     ctx.save_for_backward(q, k, v, *output)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.causal, ctx.scale, ctx.window = causal, scale, window
     ctx.mark_non_differentiable(output[1])  # lse
 
 
 def _backward_rule(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = flash_attn_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None
+    dq, dk, dv = flash_attn_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.window)
+    return dq, dk, dv, None, None, None
 
 
 flash_attn_fwd.register_autograd(_backward_rule, setup_context=_setup_context)

@@ -12,6 +12,10 @@ Layout and conventions shared by every kernel:
 - the causal mask is aligned to the END of the keys: query i sees key j iff
   ``j <= i + (T_K - T_Q)``, so queries appended after a KV cache see the whole cache; a query
   row that sees no key (only possible when T_Q > T_K) outputs zeros with LSE = -inf;
+- ``WINDOW`` (a constexpr; 0 = none) narrows the causal mask to a sliding window: query i sees
+  key j iff ``i + (T_K - T_Q) - WINDOW < j <= i + (T_K - T_Q)``. Key loops then start at the
+  first block the window reaches, so the work per block of rows grows with WINDOW, not with T;
+  with WINDOW = 0 every window branch is compiled out, leaving the plain causal kernels;
 - scores are kept in log2 units (``qk_scale = scale * log2(e)``) so ``exp2`` replaces ``exp``;
   LSE is stored in natural-log units so it can be compared with ``torch.logsumexp``;
 - all elementwise math is fp32; 16-bit tiles only feed ``tl.dot``. ``UPCAST`` (interpreter and
@@ -70,13 +74,28 @@ def _key_ranges(m0, T_Q, T_K, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK
     return mid, hi
 
 
+@triton.jit
+def _window_ranges(m0, T_Q, T_K, mid, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sliding window, for the query block starting at row m0: keys [lo, full) need the window's
+    mask (some row's window starts after them), keys [full, mid) none; keys before lo are skipped.
+
+    Row i's first visible key is i + shift - WINDOW + 1: lo is the key block holding the first
+    row's, full the first block at or after the last row's, clamped to [lo, mid].
+    """
+    shift = T_K - T_Q
+    lo = tl.maximum(m0 + shift - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+    full = tl.cdiv(tl.maximum(m0 + BLOCK_M + shift - WINDOW, 0), BLOCK_N) * BLOCK_N
+    return lo, tl.minimum(tl.maximum(full, lo), mid)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, lo, hi, T_K, shift, qk_scale,
                HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUND_MASK: tl.constexpr,
-               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+               WINDOW_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    # WINDOW_MASK: 0, or the window size when these tiles hold keys before some row's window
     offs_d = tl.arange(0, HEAD_D)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -88,9 +107,11 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, l
             s = tl.where(col_ok[None, :], s, float("-inf"))
         if CAUSAL_MASK:
             s = tl.where(offs_m[:, None] + shift >= offs_n[None, :], s, float("-inf"))
+        if WINDOW_MASK > 0:
+            s = tl.where(offs_m[:, None] + shift - WINDOW_MASK < offs_n[None, :], s, float("-inf"))
         # online softmax: new running max, rescale the old sum and accumulator to it
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        if CAUSAL_MASK:  # a row that has seen no key yet keeps m = -inf: exponentiate against 0
+        if CAUSAL_MASK or WINDOW_MASK > 0:  # a row that has seen no key yet keeps m = -inf: exponentiate against 0
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_ref = m_new
@@ -107,8 +128,9 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                 stride_vb, stride_vh, stride_vt,
                 H, T_Q, T_K, qk_scale,
-                HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tl.static_assert(CAUSAL or WINDOW == 0, "a sliding window is causal")
     # one program owns a block of queries and streams every key block it may see
     off_b, off_h, bh, offs_m = _program(H, BLOCK=BLOCK_M)
     q = _load_tile(Q, off_b, off_h, stride_qb, stride_qh, stride_qt, offs_m, T_Q, HEAD_D=HEAD_D)
@@ -119,14 +141,22 @@ def _fwd_kernel(Q, K, V, O, LSE,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
     shift = T_K - T_Q
-    mid, hi = _key_ranges(tl.program_id(0) * BLOCK_M, T_Q, T_K, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
-    # every row sees every key before mid, so m_i is finite once that loop has run
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, 0, mid, T_K, shift,
+    m0 = tl.program_id(0) * BLOCK_M
+    mid, hi = _key_ranges(m0, T_Q, T_K, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    if WINDOW > 0:  # sliding window: skip the key blocks before it, mask the tiles at its lower edge
+        lo, full = _window_ranges(m0, T_Q, T_K, mid, WINDOW=WINDOW, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, lo, full, T_K,
+                                   shift, qk_scale, HEAD_D=HEAD_D, BLOCK_N=BLOCK_N, CAUSAL_MASK=False,
+                                   BOUND_MASK=False, WINDOW_MASK=WINDOW, UPCAST=UPCAST, PRECISION=PRECISION)
+    else:
+        full = 0
+    # every row sees every key in [full, mid)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, full, mid, T_K, shift,
                                qk_scale, HEAD_D=HEAD_D, BLOCK_N=BLOCK_N, CAUSAL_MASK=False, BOUND_MASK=False,
-                               UPCAST=UPCAST, PRECISION=PRECISION)
+                               WINDOW_MASK=0, UPCAST=UPCAST, PRECISION=PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, mid, hi, T_K, shift,
                                qk_scale, HEAD_D=HEAD_D, BLOCK_N=BLOCK_N, CAUSAL_MASK=CAUSAL, BOUND_MASK=True,
-                               UPCAST=UPCAST, PRECISION=PRECISION)
+                               WINDOW_MASK=WINDOW, UPCAST=UPCAST, PRECISION=PRECISION)
 
     # a row with no visible key (T_Q > T_K, causal) has l = 0: output 0 and lse = -inf
     seen = l_i > 0.0
@@ -166,7 +196,7 @@ def _bwd_preprocess(O, DO, Delta, stride_dob, stride_doh, stride_dot, H, T_Q,
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                     offs_n, lo, hi, T_Q, shift, qk_scale,
-                    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr,
+                    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, WINDOW_MASK: tl.constexpr,
                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     offs_d = tl.arange(0, HEAD_D)
     for start_m in range(lo, hi, BLOCK_M):
@@ -181,6 +211,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
         keep = row_ok[None, :]
         if CAUSAL_MASK:
             keep = keep & (offs_m[None, :] + shift >= offs_n[:, None])
+        if WINDOW_MASK > 0:
+            keep = keep & (offs_m[None, :] + shift - WINDOW_MASK < offs_n[:, None])
         pt = tl.where(keep, pt, 0.0)
         dv += _dot(pt.to(do.dtype), do, UPCAST, PRECISION)
         dpt = _dot(v, tl.trans(do), UPCAST, PRECISION)
@@ -194,8 +226,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV,
                      stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                      H, T_Q, T_K, qk_scale, sm_scale,
-                     HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tl.static_assert(CAUSAL or WINDOW == 0, "a sliding window is causal")
     # one program owns a block of keys (K, V and the dK, dV sums stay resident) and loops over
     # query blocks; see the note above the backward kernels for why there are no atomics
     off_b, off_h, bh, offs_n = _program(H, BLOCK=BLOCK_N)
@@ -206,20 +239,36 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV,
     dk = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
     shift = T_K - T_Q
+    n0 = tl.program_id(0) * BLOCK_N
     mid = 0
     if CAUSAL:
         # query i sees key j iff i >= j - shift: query blocks before lo see none of these keys,
         # those from mid on see all of them, those between need the mask
-        n0 = tl.program_id(0) * BLOCK_N
         lo = tl.maximum(n0 - shift, 0) // BLOCK_M * BLOCK_M
         mid = lo + tl.cdiv(tl.maximum(n0 + BLOCK_N - shift - lo, 0), BLOCK_M) * BLOCK_M
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + bh * T_Q, Delta + bh * T_Q,
                                  stride_qt, stride_dot, offs_n, lo, tl.minimum(mid, T_Q), T_Q, shift, qk_scale,
-                                 HEAD_D=HEAD_D, BLOCK_M=BLOCK_M, CAUSAL_MASK=True, UPCAST=UPCAST,
-                                 PRECISION=PRECISION)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + bh * T_Q, Delta + bh * T_Q,
-                             stride_qt, stride_dot, offs_n, mid, T_Q, T_Q, shift, qk_scale,
-                             HEAD_D=HEAD_D, BLOCK_M=BLOCK_M, CAUSAL_MASK=False, UPCAST=UPCAST, PRECISION=PRECISION)
+                                 HEAD_D=HEAD_D, BLOCK_M=BLOCK_M, CAUSAL_MASK=True, WINDOW_MASK=WINDOW,
+                                 UPCAST=UPCAST, PRECISION=PRECISION)
+    if WINDOW > 0:
+        # sliding window: query i sees key j iff j > i + shift - WINDOW, so queries before wlo (a
+        # block boundary) see all of these keys, those from wlo on need the mask, and none from
+        # hi on (past the window of the block's last key) sees any: those blocks are skipped
+        wlo = tl.maximum(tl.maximum(n0 - shift + WINDOW, 0) // BLOCK_M * BLOCK_M, mid)
+        hi = tl.minimum(n0 + BLOCK_N - 1 - shift + WINDOW, T_Q)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + bh * T_Q, Delta + bh * T_Q,
+                                 stride_qt, stride_dot, offs_n, mid, tl.minimum(wlo, T_Q), T_Q, shift, qk_scale,
+                                 HEAD_D=HEAD_D, BLOCK_M=BLOCK_M, CAUSAL_MASK=False, WINDOW_MASK=0,
+                                 UPCAST=UPCAST, PRECISION=PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + bh * T_Q, Delta + bh * T_Q,
+                                 stride_qt, stride_dot, offs_n, wlo, hi, T_Q, shift, qk_scale,
+                                 HEAD_D=HEAD_D, BLOCK_M=BLOCK_M, CAUSAL_MASK=False, WINDOW_MASK=WINDOW,
+                                 UPCAST=UPCAST, PRECISION=PRECISION)
+    else:
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + bh * T_Q, Delta + bh * T_Q,
+                                 stride_qt, stride_dot, offs_n, mid, T_Q, T_Q, shift, qk_scale,
+                                 HEAD_D=HEAD_D, BLOCK_M=BLOCK_M, CAUSAL_MASK=False, WINDOW_MASK=0,
+                                 UPCAST=UPCAST, PRECISION=PRECISION)
     dk *= sm_scale
     offs_d = tl.arange(0, HEAD_D)
     out_offs = bh * T_K * HEAD_D + offs_n[:, None] * HEAD_D + offs_d[None, :]
@@ -231,7 +280,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV,
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, lo, hi, T_K, shift,
                   qk_scale, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr,
-                  BOUND_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                  BOUND_MASK: tl.constexpr, WINDOW_MASK: tl.constexpr, UPCAST: tl.constexpr,
+                  PRECISION: tl.constexpr):
     offs_d = tl.arange(0, HEAD_D)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -243,6 +293,8 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, 
             p = tl.where(col_ok[None, :], p, 0.0)
         if CAUSAL_MASK:
             p = tl.where(offs_m[:, None] + shift >= offs_n[None, :], p, 0.0)
+        if WINDOW_MASK > 0:
+            p = tl.where(offs_m[:, None] + shift - WINDOW_MASK < offs_n[None, :], p, 0.0)
         dp = _dot(do, vt, UPCAST, PRECISION)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(kt.dtype), tl.trans(kt), UPCAST, PRECISION)
@@ -254,8 +306,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ,
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                    stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                    H, T_Q, T_K, qk_scale, sm_scale,
-                   HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tl.static_assert(CAUSAL or WINDOW == 0, "a sliding window is causal")
     # one program owns a block of queries (Q, dO and the dQ sum stay resident) and loops over key
     # blocks, in the forward's order
     off_b, off_h, bh, offs_m = _program(H, BLOCK=BLOCK_M)
@@ -268,13 +321,21 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ,
     v_base = V + off_b * stride_vb + off_h * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
     shift = T_K - T_Q
-    mid, hi = _key_ranges(tl.program_id(0) * BLOCK_M, T_Q, T_K, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, 0, mid, T_K, shift,
+    m0 = tl.program_id(0) * BLOCK_M
+    mid, hi = _key_ranges(m0, T_Q, T_K, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    if WINDOW > 0:  # the forward's key ranges
+        lo, full = _window_ranges(m0, T_Q, T_K, mid, WINDOW=WINDOW, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, lo, full, T_K,
+                           shift, qk_scale, HEAD_D=HEAD_D, BLOCK_N=BLOCK_N, CAUSAL_MASK=False, BOUND_MASK=False,
+                           WINDOW_MASK=WINDOW, UPCAST=UPCAST, PRECISION=PRECISION)
+    else:
+        full = 0
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, full, mid, T_K, shift,
                        qk_scale, HEAD_D=HEAD_D, BLOCK_N=BLOCK_N, CAUSAL_MASK=False, BOUND_MASK=False,
-                       UPCAST=UPCAST, PRECISION=PRECISION)
+                       WINDOW_MASK=0, UPCAST=UPCAST, PRECISION=PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, mid, hi, T_K, shift,
                        qk_scale, HEAD_D=HEAD_D, BLOCK_N=BLOCK_N, CAUSAL_MASK=CAUSAL, BOUND_MASK=True,
-                       UPCAST=UPCAST, PRECISION=PRECISION)
+                       WINDOW_MASK=WINDOW, UPCAST=UPCAST, PRECISION=PRECISION)
     dq *= sm_scale
     offs_d = tl.arange(0, HEAD_D)
     tl.store(DQ + bh * T_Q * HEAD_D + offs_m[:, None] * HEAD_D + offs_d[None, :], dq.to(DQ.dtype.element_ty),

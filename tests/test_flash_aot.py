@@ -8,7 +8,8 @@ sm_90 (H100, 227 KB), at head dims 16, 32, 64 and 128, in 16-bit and fp32.
 
 The subset compiles, per target and kernel, the config with the largest shared-memory estimate
 among those the launcher may pick there (the one that decides whether the kernel fits), every
-candidate at gpt2's D=64 on sm_90, and sm_75's whole table. Its ~85 compiles take ~2.5 min of
+candidate at gpt2's D=64 on sm_90, sm_75's whole table, and the sliding-window kernels (the
+WINDOW constexpr) at D=128 on sm_80 and sm_90. Its ~85 compiles take ~2.5 min of
 CPU cold (~1.7 s each); they are cached under TRITON_CACHE_DIR (default .triton_cache/aot here),
 so reruns take seconds. The full table (~700 compiles) is
 ``python scripts/bench/flash_aot.py --full --table``.
@@ -84,6 +85,21 @@ def test_the_largest_candidate_is_compiled_for_every_target_head_dim_and_dtype(c
         # every config an H100 may pick at gpt2's head dim
         want = {tuple(c) for c in fc.candidates(kernel, 64, 2, fc.TARGETS[90][0], 90)}
         assert seen[(kernel, "sm_90", "bf16", 64)] == want
+
+
+def test_windowed_kernels_compile_and_need_no_more_shared_memory_than_plain_causal(compiled):
+    # the window adds masks and loop bounds, no tiles: each windowed variant's shared memory is
+    # that of the same kernel, target, dtype, head dim and config without a window
+    tool = _tool()
+    plain = {(r["kernel"], r["target"], r["dtype"], r["D"], tuple(r["config"])): r["shared_bytes"]
+             for r in compiled if r.get("window") is None and r["causal"] and "error" not in r}
+    windowed = {(r["kernel"], r["target"], r["dtype"], r["D"], tuple(r["config"])): r["shared_bytes"]
+                for r in compiled if r.get("window")}
+    want = {(kernel, f"sm_{cc}", dtype, d) for cc, dtypes in tool.CI_WINDOWED.items()
+            for dtype, dims in dtypes.items() for d in dims for kernel in fc.TUNED_KERNELS}
+    assert {key[:4] for key in windowed} == want
+    for key, shared in windowed.items():
+        assert shared == plain[key], (key, shared, plain[key])
 
 
 def test_shared_memory_estimate_used_for_pruning_is_an_upper_bound(compiled):

@@ -30,7 +30,7 @@ from kernels import flash_configs as fc
 REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = r'''
-import json, os, sys
+import functools, json, os, sys
 import torch, triton
 from triton.backends.compiler import GPUTarget
 
@@ -54,7 +54,7 @@ flash._gpu = lambda fk, device: (fc.TARGETS[90][0], 90)
 measured = []
 flash._time_ms = lambda run, cfg, reps=10: measured.append(cfg) or 1.0  # any measurement is recorded
 
-def trace(seed_tuning):
+def trace(seed_tuning, window=None):
     graphs = []
     def capture(gm, example_inputs):
         graphs.append(gm)
@@ -66,9 +66,10 @@ def trace(seed_tuning):
     if seed_tuning:  # what an eager call before compiling leaves in the cache: the last candidate wins
         for name in fc.TUNED_KERNELS:
             last = fc.candidates(name, 64, 2, fc.TARGETS[90][0])[-1]
-            flash.TUNED[fc.tuning_key(name, 64, 2, (None, "torch.bfloat16", True, "ieee"), 256, 256)] = last
+            flash.TUNED[fc.tuning_key(name, 64, 2, (None, "torch.bfloat16", True, "ieee", 0), 256, 256)] = last
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=64, block_size=256, n_layer=2, n_head=2, n_embd=128), flash_attention)
+    attn = flash_attention if window is None else functools.partial(flash_attention, window=window)
+    model = GPT(GPTConfig(vocab_size=64, block_size=256, n_layer=2, n_head=2, n_embd=128), attn)
     with FakeTensorMode(allow_non_fake_inputs=True):
         for mod in model.modules():  # fake copies of the weights
             for name, p in list(mod._parameters.items()):
@@ -91,12 +92,13 @@ def trace(seed_tuning):
                 kw = n.kwargs["kwargs"]
                 nodes.append(dict(part=part, op=target, kernel=kernel.fn.__name__,
                                   clone=sorted(n.kwargs.get("tensors_to_clone", [])),
-                                  blocks=[kw.get("BLOCK_M"), kw.get("BLOCK_N")], grid=[list(g) for g in n.kwargs["grid"]]))
+                                  blocks=[kw.get("BLOCK_M"), kw.get("BLOCK_N")], window=kw.get("WINDOW"),
+                                  grid=[list(g) for g in n.kwargs["grid"]]))
             elif "gptlab" in target:
                 nodes.append(dict(part=part, op=target))
     return dict(nodes=nodes, pinned=sorted(map(list, flash.TRACE_PINNED)), measured=len(measured), graphs=len(graphs))
 
-print(json.dumps({"untuned": trace(False), "tuned": trace(True)}))
+print(json.dumps({"untuned": trace(False), "tuned": trace(True), "windowed": trace(False, window=96)}))
 '''
 
 
@@ -123,6 +125,21 @@ def test_whole_model_traces_in_one_graph_with_every_kernel_visible(traced):
     assert not [n for n in run["nodes"] if "gptlab" in n["op"]], "an opaque flash op reached AOTAutograd's graph"
     for part, kernels in KERNELS.items():
         assert [n["kernel"] for n in run["nodes"] if n["part"] == part] == kernels  # 2 layers
+
+
+def test_a_windowed_model_traces_in_one_graph_with_the_window_in_every_attention_kernel(traced):
+    # flash_attention(..., window=96) goes through the same ops (the window is an int argument of
+    # the schema) and reaches each kernel as its WINDOW constexpr; the no-window trace passes 0
+    run = traced["windowed"]
+    assert run["graphs"] == 2 and run["measured"] == 0
+    assert not [n for n in run["nodes"] if "gptlab" in n["op"]]
+    for part, kernels in KERNELS.items():
+        assert [n["kernel"] for n in run["nodes"] if n["part"] == part] == kernels
+    for node in run["nodes"]:
+        assert node["window"] == (None if node["kernel"] == "_bwd_preprocess" else 96), node
+        assert node["clone"] == OUTPUTS[node["kernel"]], node
+    assert {n["window"] for n in traced["untuned"]["nodes"]} == {None, 0}
+    assert sorted(p[-1] for p in run["pinned"]) == [128, 128, 128]  # the window's bucket is in the tuning key
 
 
 def test_torch_finds_that_each_kernel_writes_only_its_outputs(traced):

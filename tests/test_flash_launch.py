@@ -55,7 +55,7 @@ def test_direct_launch_passes_every_argument_in_the_kernels_parameter_order(name
 
     stub = StubKernel(flash_triton.KERNELS[name])
     fk = types.SimpleNamespace(INTERPRETED=False, KERNELS={name: stub})
-    consts = dict(HEAD_D=64, CAUSAL=True, UPCAST=False, PRECISION="ieee")
+    consts = dict(HEAD_D=64, CAUSAL=True, WINDOW=0, UPCAST=False, PRECISION="ieee")
     cfg = fc.Config(64, 32, 4, 3)
     launch = flash_launch._Launch(fk, name, cfg, (5, 6), consts)
     n_runtime = len([p for p in inspect.signature(stub.real.fn).parameters.values()
@@ -80,7 +80,7 @@ def test_a_launch_hook_keeps_every_launch_going_through_triton():
     stub = StubKernel(flash_triton.KERNELS["dq"], hook="a profiler's hook")
     fk = types.SimpleNamespace(INTERPRETED=False, KERNELS={"dq": stub})
     launch = flash_launch._Launch(fk, "dq", fc.Config(64, 32, 4, 3), (1, 1),
-                                  dict(HEAD_D=64, CAUSAL=True, UPCAST=False, PRECISION="ieee"))
+                                  dict(HEAD_D=64, CAUSAL=True, WINDOW=0, UPCAST=False, PRECISION="ieee"))
     for _ in range(4):
         launch(0, *range(24))  # dq: 24 runtime arguments
     assert len(stub.jit_calls) == 4
@@ -91,8 +91,8 @@ def test_interpreted_launches_always_go_through_triton():
 
     stub = StubKernel(flash_triton.KERNELS["fwd"])
     fk = types.SimpleNamespace(INTERPRETED=True, KERNELS={"fwd": stub})
-    launch = flash_launch._Launch(fk, "fwd", fc.INTERPRETER["fwd"], (1, 1), dict(HEAD_D=16, CAUSAL=True, UPCAST=False,
-                                                                                 PRECISION="ieee"))
+    launch = flash_launch._Launch(fk, "fwd", fc.INTERPRETER["fwd"], (1, 1),
+                                  dict(HEAD_D=16, CAUSAL=True, WINDOW=0, UPCAST=False, PRECISION="ieee"))
     for _ in range(3):
         launch(0, *range(18))
     assert len(stub.jit_calls) == 3

@@ -6,6 +6,7 @@
     python scripts/bench/bench_attention.py --tflops               # CUDA only: TFLOP/s vs SDPA's flash backend
     python scripts/bench/bench_attention.py --overhead             # CUDA: host time above the kernels' GPU time
     python scripts/bench/bench_attention.py --host-python          # any machine: flash's Python per call, launches no-op'd
+    python scripts/bench/bench_attention.py --window 256 1024      # flash: sliding windows beside plain causal
 
 On a CPU shared with other jobs, run with OMP_WAIT_POLICY=PASSIVE (or --threads 1): spinning
 OpenMP workers that lose their core make an implementation of many small ops (online) look 10x
@@ -22,6 +23,11 @@ with the host taken out (``held_ms``: the calls queue behind a GPU spin), the wa
 of ``--calls`` back-to-back calls (synchronized before and after), and their difference, the host
 overhead: what a caller waits beyond the kernels' own time (``host_overhead_ms``). Rounds
 alternate the implementations (``common.alternated``); cells are medians over rounds.
+``--window W ...`` times flash's forward and fwd+bwd with each sliding window beside plain
+causal flash at each T (interleaved run by run, in this process): with the tiles outside the
+window skipped, a window's time should grow as T (tiles per block of rows fixed by W) while
+causal's grows as T^2. A GPU measurement: under the CPU interpreter (TRITON_INTERPRET=1, T <= 256)
+it only shows the mode runs; there the extra masked loops make windows slower at such short T.
 ``--host-python`` (any machine, no GPU needed) times the Python of one eager forward+backward
 through flash's wrapper with every Triton launch replaced by a no-op (the plan, allocations,
 autograd), beside the same for an autograd.Function that only clones its input (the floor any
@@ -80,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calls", type=int, default=50, help="--overhead / --host-python: back-to-back calls per round")
     p.add_argument("--rounds", type=int, default=5, help="--overhead / --host-python: alternated rounds")
     p.add_argument("--json", metavar="FILE", default=None, help="--overhead: also write the rows as JSON")
+    p.add_argument("--window", type=int, nargs="+", default=None, metavar="W",
+                   help="flash only: time these sliding windows beside plain causal")
     p.add_argument("--worker", choices=IMPLS, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
@@ -171,10 +179,14 @@ def time_point(impls: list[str], T: int, args: argparse.Namespace) -> dict[str, 
     Round-robin order means a burst of load from other processes on a shared machine hits every
     implementation alike instead of whichever happened to be running.
     """
-    dtype, device = DTYPES[args.dtype], args.device
-    q, k, v, do = make_inputs(args.batch, args.heads, T, args.head_dim, dtype, device)
-    fns = {impl: load_impl(impl, args.block_size) for impl in impls}
-    times: dict[str, dict[str, list]] = {impl: {"fwd_ms": [], "fb_ms": []} for impl in impls}
+    q, k, v, do = make_inputs(args.batch, args.heads, T, args.head_dim, DTYPES[args.dtype], args.device)
+    return time_fns({impl: load_impl(impl, args.block_size) for impl in impls}, q, k, v, do, args)
+
+
+def time_fns(fns: dict, q, k, v, do, args: argparse.Namespace) -> dict[str, dict]:
+    """Median fwd and fwd+bwd ms of each ``fns`` value on these inputs, interleaved run by run."""
+    device = args.device
+    times: dict[str, dict[str, list]] = {name: {"fwd_ms": [], "fb_ms": []} for name in fns}
 
     def fwd(fn):
         with torch.no_grad():
@@ -185,12 +197,41 @@ def time_point(impls: list[str], T: int, args: argparse.Namespace) -> dict[str, 
         q.grad = k.grad = v.grad = None
 
     for run in range(args.repeats + 1):  # run 0 warms up
-        for impl, fn in fns.items():
+        for name, fn in fns.items():
             for key, step in (("fwd_ms", fwd), ("fb_ms", fwd_bwd)):
                 ms = elapsed_ms(lambda: step(fn), device)
                 if run:
-                    times[impl][key].append(ms)
-    return {impl: {key: statistics.median(ts) for key, ts in t.items()} for impl, t in times.items()}
+                    times[name][key].append(ms)
+    return {name: {key: statistics.median(ts) for key, ts in t.items()} for name, t in times.items()}
+
+
+def run_window(args: argparse.Namespace) -> list[dict]:
+    """``--window``: flash with each sliding window beside plain causal flash, T by T; prints a table."""
+    import functools
+
+    if not args.causal:
+        raise SystemExit("bench_attention: --window is a causal sliding window; drop --no-causal")
+    T_max = max(args.seq_lens)
+    reason = skip_reason("flash", T_max, argparse.Namespace(**{**vars(args), "include_flash": True}))
+    if reason:
+        raise SystemExit(f"bench_attention --window: {reason}")
+    from kernels.flash import flash_attention
+
+    fns = {"causal": flash_attention} | {f"window={w}": functools.partial(flash_attention, window=w)
+                                         for w in args.window}
+    rows = []
+    for T in args.seq_lens:
+        q, k, v, do = make_inputs(args.batch, args.heads, T, args.head_dim, DTYPES[args.dtype], args.device)
+        times = time_fns(fns, q, k, v, do, args)
+        rows += [dict(T=T, attn=name, **t, vs_causal=t["fb_ms"] / times["causal"]["fb_ms"])
+                 for name, t in times.items()]
+    print(f"\nflash B={args.batch} H={args.heads} D={args.head_dim} {args.dtype} {args.device}; "
+          f"times are medians of {args.repeats}\n")
+    print("| T | attention | fwd ms | fwd+bwd ms | fwd+bwd / causal |")
+    print("|---:|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['T']} | {r['attn']} | {r['fwd_ms']:.2f} | {r['fb_ms']:.2f} | {r['vs_causal']:.2f}x |")
+    return rows
 
 
 def skip_reason(impl: str, T: int, args: argparse.Namespace) -> str | None:
@@ -451,6 +492,11 @@ def main(argv: list[str] | None = None) -> None:
         from flash_host import describe, host_python_us
 
         print(describe(host_python_us(calls=args.calls, rounds=args.rounds)))
+        return
+    if args.window:
+        args.batch = args.batch or 1
+        args.seq_lens = args.seq_lens or ([1024, 4096, 16384] if args.device.startswith("cuda") else [128, 256])
+        run_window(args)
         return
     if args.overhead:
         rows = run_overhead(args)

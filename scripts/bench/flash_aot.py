@@ -5,7 +5,7 @@
     python scripts/bench/flash_aot.py --full --table  # the same as a markdown table, worst case per cell
     python scripts/bench/flash_aot.py --ptxas-info    # also registers and spills (ptxas -v)
 
-Prints one JSON object per variant: {kernel, target, dtype, precision, D, causal, config,
+Prints one JSON object per variant: {kernel, target, dtype, precision, D, causal, window, config,
 shared_bytes, shared_limit, fits[, n_regs, spill_bytes]}, or with ``--table`` one row per
 (kernel, target, D, dtype) with the largest shared memory among its compiled configs.
 
@@ -39,19 +39,25 @@ _POINTER_DTYPE_ARGS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 _FP32_POINTER_ARGS = {"LSE", "Delta"}
 _FLOAT_ARGS = {"qk_scale", "sm_scale"}
 _LENGTH_ARGS = {"H", "T_Q", "T_K"}  # any value: no divisibility hint
+# the sliding window compiled (a constexpr: its value only changes folded constants, not tiles)
+AOT_WINDOW = 256
+# windowed variants in CI: (target -> {dtype: head dims}), the largest candidate per kernel
+CI_WINDOWED = {80: {"bf16": (128,), "fp32": (128,)}, 90: {"bf16": (128,), "fp32": (128,)}}
 
 
 def variants(full: bool = False) -> list[dict]:
     """The (kernel, target, dtype, D, causal, config) variants to compile.
 
     ``full``: every config each target may run, for every dtype and head dim, causal; plus
-    non-causal for bf16 at D=128. Default, CI's subset (``CI_LARGEST``): per target and kernel,
+    non-causal for bf16 at D=128; windowed (``AOT_WINDOW``) at each one's largest candidate.
+    Default, CI's subset (``CI_LARGEST``): per target and kernel,
     the candidate with the largest shared-memory estimate, the one that decides whether the
     kernel fits, in bf16 and fp32 at nano's D=32 and at D=128 (16 and 64 too on sm_80/sm_90);
     every candidate at gpt2's D=64 in bf16 on sm_90; sm_75's whole table (the estimate does not
     bound its shared memory) at D 32, 64, 128. fp16 vs bf16 and the causal flag change no tile
     or pipeline shape, so they cannot change whether a config fits; fp16, fp32 with TF32 and
-    non-causal are compiled on sm_90 to show they build.
+    non-causal are compiled on sm_90 to show they build. The sliding window adds masks and loop
+    bounds, no tiles: ``CI_WINDOWED`` compiles it at D=128 (bf16, fp32) on sm_80 and sm_90.
     """
     from kernels import flash_configs as fc
 
@@ -67,6 +73,9 @@ def variants(full: bool = False) -> list[dict]:
                         for causal in (True, False):
                             if _wanted(full, cc, dtype, d, causal, cfg == largest):
                                 out.append(dict(kernel=name, cc=cc, dtype=dtype, D=d, causal=causal, config=cfg))
+                    if full or d in CI_WINDOWED.get(cc, {}).get(dtype, ()):
+                        out.append(dict(kernel=name, cc=cc, dtype=dtype, D=d, causal=True, config=largest,
+                                        window=AOT_WINDOW))
     return out
 
 
@@ -125,7 +134,8 @@ def compile_variant(v: dict, ptxas_info: bool = False) -> dict:
     pointer, _, precision = DTYPES[v["dtype"]]
     constexprs = {"HEAD_D": v["D"], "BLOCK_M": bm}
     if v["kernel"] != "preprocess":
-        constexprs.update(BLOCK_N=bn, CAUSAL=v["causal"], UPCAST=False, PRECISION=precision)
+        constexprs.update(BLOCK_N=bn, CAUSAL=v["causal"], WINDOW=v.get("window") or 0, UPCAST=False,
+                          PRECISION=precision)
     sig, attrs = _signature(fn, pointer, constexprs)
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     try:
@@ -146,7 +156,8 @@ def _row(v: dict) -> dict:
     from kernels import flash_configs as fc
 
     return {"kernel": v["kernel"], "target": f"sm_{v['cc']}", "dtype": v["dtype"], "D": v["D"],
-            "causal": v["causal"], "config": list(v["config"]), "shared_limit": fc.TARGETS[v["cc"]][0]}
+            "causal": v["causal"], "window": v.get("window"), "config": list(v["config"]),
+            "shared_limit": fc.TARGETS[v["cc"]][0]}
 
 
 def _ptxas_info(ptx: str, cc: int) -> dict:
