@@ -305,9 +305,14 @@ def _needs_op(q: torch.Tensor) -> bool:
 
 
 def flash_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v on (B, H, T, D) tensors with the Triton FlashAttention-2 kernels."""
+    if window is not None:  # the kernels' window (skipping tiles outside it) comes with the flash rewrite
+        raise UnsupportedError(f"flash_attention: window={window} (sliding-window attention) is not supported "
+                               "by the flash kernel yet; use attn=online (blockwise, skips tiles outside the "
+                               "window), attn=sdpa or attn=naive")
     _check(q, k, v, causal)
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     causal, scale = bool(causal), resolve_scale(scale, q.shape[-1])

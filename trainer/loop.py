@@ -14,6 +14,7 @@ import functools
 import math
 import signal
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from omegaconf import OmegaConf
 
 from models import GPT
 from trainer import data as data_lib
-from trainer.config import build, check_settings, merge_overrides, resume_config
+from trainer.config import build, build_attention, check_settings, merge_overrides, resume_config
 from trainer.errors import CheckpointError, OutputError, TrainingError, UserError
 from trainer.mfu import speed_for_run
 from trainer.monitor import Monitor, reset_peak_memory
@@ -81,9 +82,11 @@ class Trainer:
         self.accum, self.tokens_per_step = check_settings(cfg, self.dist.world_size)  # accum: per rank
         self.data = build(cfg.data)  # under torchrun the first rank to take the data's lock prepares it
         data_lib.check_block_size(self.data, int(cfg.block_size))
-        self.model_config = build(cfg.model, vocab_size=data_lib.model_vocab_size(self.data, cfg.model.get("vocab_size")))
+        attn_fn, window = build_attention(cfg.attn)  # attn.window goes to the model, which passes it on
+        self.model_config = build(cfg.model, vocab_size=data_lib.model_vocab_size(self.data, cfg.model.get("vocab_size")),
+                                  window=window)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
-        self.raw_model = GPT(self.model_config, build(cfg.attn)).to(self.device)
+        self.raw_model = GPT(self.model_config, attn_fn).to(self.device)
         self.fwd_model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
         self.model = self.fwd_model
         if self.dist.enabled:
@@ -100,6 +103,7 @@ class Trainer:
         self.iteration, self.best_val_loss, self.best_val_bpb = 0, math.inf, math.inf
         self._skipped = torch.zeros((), dtype=torch.int64, device=self.device)  # fp16 steps the scaler skipped
         self.last_eval: dict | None = None  # the latest eval's losses, saved with the checkpoint
+        self.eval_time_s, self.reached = 0.0, None  # target_val_loss: eval seconds so far; the first eval at target
         self.good_checkpoint: Path | None = None  # what a divergence falls back to
         notes = self._restore(state, resume_from) if state is not None else []
         try:  # the outputs: config.yaml, then the monitor's TensorBoard writer, summary.json and log
@@ -181,6 +185,7 @@ class Trainer:
             self._log_eval(self.last_eval)
         reset_peak_memory(self.device)
         losses, first = {}, self.iteration
+        self.fit_started = time.perf_counter()  # training time = since here, less the evals (target mode)
         with StopSignals(self.dist) as self.stop:
             try:
                 while self.iteration < max_iters:
@@ -201,8 +206,11 @@ class Trainer:
                     # eval and checkpoint (not counted as training time)
                     if eval_interval > 0 and self.iteration % eval_interval == 0 and self.iteration < max_iters:
                         losses = self._eval_and_checkpoint(final=False)
+                        if self.reached is not None:  # target_val_loss reached: the run ends at this eval
+                            break
                         speed.restart(self.iteration)
-                losses = self._eval_and_checkpoint(final=True)
+                if self.reached is None:
+                    losses = self._eval_and_checkpoint(final=True)
             finally:
                 if profiler is not None:
                     profiler.stop()
@@ -313,6 +321,7 @@ class Trainer:
     def _eval_and_checkpoint(self, final: bool) -> dict[str, float]:
         it = self.iteration
         self.check_state()  # before evaluating; evaluation does not change what is then saved
+        started = time.perf_counter()  # after check_state, which waits for the queued steps
         losses = self.evaluate()
         if not math.isfinite(losses["val"] + losses["train"]):  # finite but blown-up weights: not worth keeping
             raise self._diverged(f"eval loss became {losses['val']:g} (val), {losses['train']:g} (train) at step {it}")
@@ -326,10 +335,30 @@ class Trainer:
         if self.dist.is_main and int(self.cfg.sample_tokens) > 0 and self.data.tokenizer is not None:
             self.monitor.text("sample", self.sample(), it)
         self._write_checkpoints(best=improved)
+        timing = self._time_evals(it, losses["val"], started)
         self.monitor.write_summary(step=it, best_val_loss=self.best_val_loss, val_bpb=losses["val_bpb"],
-                                   final_val_loss=losses["val"] if final else None,
-                                   best_val_bpb=self.best_val_bpb if math.isfinite(self.best_val_bpb) else None)
+                                   final_val_loss=losses["val"] if final or self.reached else None,
+                                   best_val_bpb=self.best_val_bpb if math.isfinite(self.best_val_bpb) else None,
+                                   **timing)
         return losses
+
+    def _time_evals(self, it: int, val: float, started: float) -> dict:
+        """Training time (evals excluded, as the speedrun counts it) and eval time so far; with
+        ``target_val_loss``, the first eval at or below it records the time, tokens and steps to it.
+        Returns the summary's entries for them. Times count from this process's start of ``fit``."""
+        train_s = started - self.fit_started - self.eval_time_s
+        self.eval_time_s += time.perf_counter() - started  # evaluation, sample and checkpoint writing
+        self.monitor.scalars(it, {"time/train_s": train_s, "time/eval_s": self.eval_time_s})
+        target = self.cfg.get("target_val_loss")
+        if target is not None and self.reached is None and val <= target:
+            self.reached = {"reached_target": True, "steps_to_target": it, "tokens_to_target": it * self.tokens_per_step,
+                            "time_to_target_s": train_s}
+            self.monitor.scalars(it, {f"target/{k}": v for k, v in self.reached.items() if k != "reached_target"})
+            self.monitor.message(f"reached target_val_loss={target:g} at step {it} (val loss {val:.4f}): "
+                                 f"{train_s:.2f} s of training, {it * self.tokens_per_step:,} tokens; "
+                                 f"evaluation so far {self.eval_time_s:.2f} s, not counted")
+        extra = {} if target is None else {"target_val_loss": float(target), "reached_target": False, **(self.reached or {})}
+        return {"eval_time_s": self.eval_time_s, **extra}
 
     def _log_eval(self, ev: dict) -> None:
         self.monitor.scalars(ev["step"], {"val/loss": ev["val"], "val/bpb": ev.get("val_bpb"),
