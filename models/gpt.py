@@ -111,7 +111,7 @@ class GPTConfig:
     rope_base: float = 10000.0
     # speedrun components; the defaults are GPT-2's (and today's checkpoints')
     norm: str = "layernorm"  # "rmsnorm": RMSNorm in place of LayerNorm
-    qk_norm: bool = False  # RMSNorm on each head's q and k before the attention call
+    qk_norm: bool = False  # each head's q and k normalized (by `norm`) before the attention call
     mlp: str = "gelu"  # "relu2": relu(x)^2 in place of GELU
     zero_init_proj: bool = False  # residual output projections (and an untied head) start at zero
     tie_embeddings: bool = True  # False: the LM head has its own weight (and its own lr)
@@ -201,10 +201,13 @@ class CausalSelfAttention(nn.Module):
         # only when set: an attention function without the keyword keeps working
         self.attn_kwargs = {} if config.window is None else {"window": config.window}
         if config.qk_norm:
-            # QK-norm (Dehghani et al., 2023; modded-nanogpt): q and k of unit RMS per head, times a
-            # learned gain, so attention logits cannot grow without bound as the weights grow.
+            # QK-norm (Dehghani et al., 2023, with LayerNorm; modded-nanogpt, with RMSNorm): q and k
+            # normalized per head (by the model's ``norm``), times a learned gain, so attention
+            # logits cannot grow without bound as the weights grow.
             head_dim = config.n_embd // config.n_head
-            self.q_norm, self.k_norm = nn.RMSNorm(head_dim, eps=1e-6), nn.RMSNorm(head_dim, eps=1e-6)
+            self.rms_qk = config.norm == "rmsnorm"
+            norm = (lambda: nn.RMSNorm(head_dim, eps=1e-6)) if self.rms_qk else (lambda: nn.LayerNorm(head_dim, bias=False))
+            self.q_norm, self.k_norm = norm(), norm()
         if config.value_embeddings:  # weights of v and of the value embedding in the mix
             self.ve_lambda = nn.Parameter(torch.tensor([0.5, 0.5]))
 
@@ -212,18 +215,18 @@ class CausalSelfAttention(nn.Module):
                 ve: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
-        if hasattr(self, "q_norm"):  # (B, T, H, D): normalized over D, before the rotation
-            qkv = torch.stack((self.q_norm(qkv[:, :, 0]), self.k_norm(qkv[:, :, 1]), qkv[:, :, 2]), dim=2)
-        if ve is not None:  # value embedding (B, T, C): mixed into v with two learned weights
-            lam = self.ve_lambda
-            v_mixed = lam[0] * qkv[:, :, 2] + lam[1] * ve.view(B, T, self.n_head, C // self.n_head)
-            qkv = torch.stack((qkv[:, :, 0], qkv[:, :, 1], v_mixed), dim=2)
+        qk, v = qkv[:, :, :2], qkv[:, :, 2]  # views (B, T, 2, H, D) and (B, T, H, D): no copies
+        if hasattr(self, "q_norm"):  # q and k normalized over D in one call, then each its own gain
+            gains = torch.stack((self.q_norm.weight, self.k_norm.weight))[:, None, :]  # (2, 1, D)
+            normalize = F.rms_norm if self.rms_qk else F.layer_norm
+            qk = normalize(qk, qk.shape[-1:], eps=self.q_norm.eps) * gains
         if rope is not None:  # (cos, sin) of these tokens' positions, (T, D/2): q and k rotated at once
             cos, sin = rope[0][:, None, None, :], rope[1][:, None, None, :]  # broadcast over the q/k and head axes
-            q, k = apply_rope(qkv[:, :, :2], cos, sin).unbind(2)
-            v = qkv[:, :, 2]
-        else:
-            q, k, v = qkv.unbind(2)
+            qk = apply_rope(qk, cos, sin)
+        q, k = qk.unbind(2)
+        if ve is not None:  # value embedding (B, T, C): mixed into v with two learned weights
+            lam = self.ve_lambda
+            v = lam[0] * v + lam[1] * ve.view(B, T, self.n_head, C // self.n_head)
         # (B, T, H, D) -> (B, H, T, D); keys are cached rotated
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:  # keys and values of the earlier tokens too: (B, H, T_cached + T, D)

@@ -51,11 +51,14 @@ def gpt_logits_f64(model, idx):
     def rms(x, weight):  # x / sqrt(mean(x^2) + eps) * g (Zhang & Sennrich, 2019)
         return x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6) * weight
 
+    def layer_norm(x, weight):  # (x - mean) / sqrt(var + eps) * g (Ba et al., 2016)
+        mu = x.mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(((x - mu) ** 2).mean(-1, keepdim=True) + 1e-5) * weight
+
     def norm(x, name):
         if cfg.norm == "rmsnorm":
             return rms(x, P[f"{name}.weight"])
-        mu = x.mean(-1, keepdim=True)
-        y = (x - mu) / torch.sqrt(((x - mu) ** 2).mean(-1, keepdim=True) + 1e-5) * P[f"{name}.weight"]
+        y = layer_norm(x, P[f"{name}.weight"])
         return y + P[f"{name}.bias"] if f"{name}.bias" in P else y
 
     def linear(x, name):
@@ -87,8 +90,10 @@ def gpt_logits_f64(model, idx):
         if mirror < half_layers:
             x = x + P["skip_weights"][mirror] * outputs[mirror]
         q, k, v = linear(norm(x, f"{pre}.ln_1"), f"{pre}.attn.c_attn").view(B, T, 3, H, D).unbind(2)
-        if cfg.qk_norm:
+        if cfg.qk_norm and cfg.norm == "rmsnorm":
             q, k = rms(q, P[f"{pre}.attn.q_norm.weight"]), rms(k, P[f"{pre}.attn.k_norm.weight"])
+        elif cfg.qk_norm:  # LayerNorm without a bias
+            q, k = layer_norm(q, P[f"{pre}.attn.q_norm.weight"]), layer_norm(k, P[f"{pre}.attn.k_norm.weight"])
         if cfg.value_embeddings:
             lam = P[f"{pre}.attn.ve_lambda"]
             v = lam[0] * v + lam[1] * P[f"transformer.ve.{layer}.weight"][idx].view(B, T, H, D)

@@ -18,6 +18,7 @@ ALL_ON = dict(pos="rope", norm="rmsnorm", bias=False, qk_norm=True, mlp="relu2",
               tie_embeddings=False, logit_softcap=3.0, unet_skips=True, value_embeddings=True, window=5)
 COMPONENTS = [
     dict(), dict(norm="rmsnorm"), dict(bias=False), dict(qk_norm=True), dict(qk_norm=True, pos="rope"),
+    dict(qk_norm=True, norm="rmsnorm"),
     dict(mlp="relu2"), dict(zero_init_proj=True), dict(tie_embeddings=False),
     dict(zero_init_proj=True, tie_embeddings=False), dict(logit_softcap=3.0), dict(unet_skips=True),
     dict(unet_skips=True, n_layer=5), dict(value_embeddings=True), dict(window=1), dict(window=5),
