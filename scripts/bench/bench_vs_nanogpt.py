@@ -254,7 +254,7 @@ def record(args, work: Path) -> int:
         run = work / f"{'ours_budget' if budget else 'ours_record'}_r{len(done[key])}"
         extra = ["target_val_loss=null", f"max_iters={budget}"] if budget else []
         cmd = [sys.executable, str(REPO / "scripts" / "train.py"), f"+experiment={args.preset}", "device=cpu",
-               f"hydra.run.dir={run}", *extra, *args.ours]
+               f"hydra.run.dir={run}", *args.ours, *extra]
         timed_steps(cmd, REPO, OURS_LINE, run.with_suffix(".log"), args.threads)
         summary = json.loads((run / "summary.json").read_text())
         done[key].append({**summary, "curve": read_curve(run)})
