@@ -1,8 +1,10 @@
-"""Attention implementations sharing one interface: ``fn(q, k, v, causal=True, scale=None) -> out``.
+"""Attention implementations sharing one interface:
+``fn(q, k, v, causal=True, scale=None, window=None) -> out``.
 
 Tensors are ``(B, H, T, D)``; keys and values may be longer than queries (a KV cache), and with
 ``causal=True`` the mask is aligned to the end of the keys: query ``i`` of ``Tq`` sees keys
-``j <= i + (Tk - Tq)``. This module holds what every implementation shares (input checks, the
+``j <= i + (Tk - Tq)``. A sliding ``window`` (causal only) keeps the last ``window`` of those:
+``i + (Tk - Tq) - window < j``. This module holds what every implementation shares (input checks, the
 mask, the default scale, the errors they raise); each implementation is one file
 (``naive.py``, ``online.py``, ``sdpa.py``, ``flash.py``), named by a ``configs/attn/<name>.yaml``.
 Implementations are imported on first use, so importing this package never imports Triton.
@@ -64,7 +66,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str = "at
         raise ValueError(f"{name}: q {tuple(q.shape)} and k {tuple(k.shape)} must agree on B, H and D")
 
 
-def check_window(window: int | None, causal: bool, name: str) -> None:
+def check_window(window: int | None, causal: bool, name: str = "attention") -> None:
     """Raise ValueError unless ``window`` is None or a positive int (the keys a query sees: its
     own and the ``window - 1`` before it) used with ``causal=True``."""
     if window is None:
@@ -75,14 +77,17 @@ def check_window(window: int | None, causal: bool, name: str) -> None:
         raise ValueError(f"{name}: window={window} is a causal sliding window; it needs causal=True")
 
 
-def causal_mask(tq: int, tk: int, device=None) -> torch.Tensor:
-    """(Tq, Tk) boolean mask, True where query i may attend key j: ``j <= i + (Tk - Tq)``.
+def causal_mask(tq: int, tk: int, device=None, window: int | None = None) -> torch.Tensor:
+    """(Tq, Tk) boolean mask, True where query i may attend key j: ``j <= i + (Tk - Tq)``, and with a
+    ``window`` also ``j > i + (Tk - Tq) - window`` (the query's own key and the ``window - 1`` before it).
 
-    End-aligned, as in FlashAttention: with a KV cache the new queries see every cached key. A
-    query row with no visible key (only when Tq > Tk) outputs zeros.
+    End-aligned, as in FlashAttention: with a KV cache the new queries see every cached key (within
+    the window). A query row with no visible key (only when Tq > Tk) outputs zeros.
     """
-    i = torch.arange(tq, device=device)[:, None]
-    return torch.arange(tk, device=device)[None, :] <= i + (tk - tq)
+    pos = torch.arange(tq, device=device)[:, None] + (tk - tq)  # each query's position among the keys
+    j = torch.arange(tk, device=device)[None, :]
+    mask = j <= pos
+    return mask if window is None else mask & (j > pos - window)
 
 
 def resolve_scale(scale: float | None, head_dim: int) -> float:

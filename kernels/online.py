@@ -11,7 +11,9 @@ FlashAttention-2 (Dao, 2023, Algorithms 1 and 2): ``m``, ``l``, ``acc`` (its O~)
 ``docs/online_softmax.md`` walks the recurrence on a real example.
 
 The forward never builds the T x T score matrix, only ``block x block`` tiles, and in causal mode
-skips key blocks that lie entirely above the diagonal (half the work). The backward saves only
+skips key blocks that lie entirely above the diagonal (half the work); with a sliding ``window`` it
+also skips the key blocks entirely before every query's window, so its cost grows with the window,
+not with T. The backward saves only
 q, k, v, out and the per-row ``lse``, and recomputes each tile's probabilities from them, so the
 memory kept for backward is O(T * D). Loops are in Python over blocks; every tile op is batched
 over (B, H).
@@ -22,7 +24,7 @@ from collections.abc import Iterator
 
 import torch
 
-from kernels import check_qkv, resolve_scale
+from kernels import check_qkv, check_window, resolve_scale
 
 __all__ = ["online_attention", "online_softmax", "DEFAULT_BLOCK_SIZE"]
 
@@ -97,20 +99,29 @@ def _query_blocks(tq: int, tk: int, causal: bool, block: int) -> Iterator[tuple[
         yield qs, min(qs + block, tq)
 
 
-def _key_blocks(qs: int, qe: int, tq: int, tk: int, causal: bool, block: int) -> Iterator[tuple[int, int, bool]]:
+def _key_blocks(qs: int, qe: int, tq: int, tk: int, causal: bool, block: int,
+                window: int | None = None) -> Iterator[tuple[int, int, bool]]:
     """(start, end, needs_mask) of the key blocks that query rows [qs, qe) attend to."""
-    offset = tk - tq  # query i sees keys j <= i + offset (causal)
+    offset = tk - tq  # query i sees keys j <= i + offset (causal), and j > i + offset - window
     k_end = min(tk, qe + offset) if causal else tk  # keys past the last row's diagonal: skipped
-    for ks in range(0, k_end, block):
+    # keys before the first row's window: skipped (whole blocks, so tiles stay block-aligned)
+    k_start = 0 if window is None else max(0, qs + offset - window + 1) // block * block
+    for ks in range(k_start, k_end, block):
         ke = min(ks + block, k_end)
-        yield ks, ke, causal and ke - 1 > qs + offset  # some key of the tile is above the diagonal
+        above = causal and ke - 1 > qs + offset  # some key of the tile is above the diagonal
+        before = window is not None and ks <= qe - 1 + offset - window  # ... or before some row's window
+        yield ks, ke, above or before
 
 
-def _mask_tile(s: torch.Tensor, qs: int, ks: int, offset: int) -> torch.Tensor:
-    """In place: -inf in the tile at query rows qs.., key cols ks.. where key j > query i + offset."""
+def _mask_tile(s: torch.Tensor, qs: int, ks: int, offset: int, window: int | None = None) -> torch.Tensor:
+    """In place: -inf in the tile at query rows qs.., key cols ks.. where key j > query i + offset
+    (or, with a window, j <= i + offset - window)."""
     i = torch.arange(qs, qs + s.shape[-2], device=s.device)[:, None]
     j = torch.arange(ks, ks + s.shape[-1], device=s.device)
-    return s.masked_fill_(j > i + offset, NEG_INF)
+    hidden = j > i + offset
+    if window is not None:
+        hidden |= j <= i + offset - window
+    return s.masked_fill_(hidden, NEG_INF)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +132,8 @@ def _mask_tile(s: torch.Tensor, qs: int, ks: int, offset: int) -> torch.Tensor:
 # step costs about 5% of the whole forward (measured).
 
 
-def _forward(q, k, v, causal: bool, scale: float, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(q, k, v, causal: bool, scale: float, block: int, window: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, H, Tq, D) and lse (B, H, Tq), both in the accumulation dtype."""
     ad = _acc_dtype(q.dtype)
     q, k, v = q.to(ad), k.to(ad), v.to(ad)
@@ -134,14 +146,16 @@ def _forward(q, k, v, causal: bool, scale: float, block: int) -> tuple[torch.Ten
         m = torch.full((B, H, qe - qs), NEG_INF, dtype=ad, device=q.device)  # running row max
         l = torch.zeros_like(m)  # running row sum of exp(S - m)
         acc = torch.zeros(B, H, qe - qs, D, dtype=ad, device=q.device)  # running exp(S - m) @ V
-        for ks, ke, needs_mask in _key_blocks(qs, qe, tq, tk, causal, block):
+        for ks, ke, needs_mask in _key_blocks(qs, qe, tq, tk, causal, block, window):
             s = q_i @ k[:, :, ks:ke].mT  # S = Q_i K_j^T * scale
             if needs_mask:
-                s = _mask_tile(s, qs, ks, tk - tq)
-            # every visited row sees key 0 in the first tile, so m_new is finite from there on
+                s = _mask_tile(s, qs, ks, tk - tq, window)
+            # without a window every visited row sees key 0 in the first tile, so m_new is finite from
+            # there on; with one, a row whose window starts in a later tile has seen only -inf so far
             m_new = torch.maximum(m, s.amax(dim=-1))  # m' = max(m, rowmax(S))
-            alpha = torch.exp(m - m_new)  # <= 1: moves l and acc from the old max to the new one
-            p = s.sub_(m_new[..., None]).exp_()  # P~ = exp(S - m'), in S's buffer
+            m_ref = m_new if window is None else _finite(m_new)  # such rows: subtract 0, not -inf
+            alpha = torch.exp(m - m_ref)  # <= 1: moves l and acc from the old max to the new one
+            p = s.sub_(m_ref[..., None]).exp_()  # P~ = exp(S - m'), in S's buffer
             l = alpha * l + p.sum(dim=-1)  # l' = alpha l + rowsum(P~)
             acc = alpha[..., None] * acc + p @ v[:, :, ks:ke]  # acc' = alpha acc + P~ V_j
             m = m_new
@@ -150,7 +164,7 @@ def _forward(q, k, v, causal: bool, scale: float, block: int) -> tuple[torch.Ten
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, dlse, causal: bool, scale: float, block: int):
+def _backward(do, q, k, v, out, lse, dlse, causal: bool, scale: float, block: int, window: int | None = None):
     """dq, dk, dv in the accumulation dtype, recomputing each tile's probabilities from lse.
 
     One loop nest computes all three, query blocks outside: each tile's P is recomputed once and
@@ -174,11 +188,11 @@ def _backward(do, q, k, v, out, lse, dlse, causal: bool, scale: float, block: in
         do_i = do[:, :, qs:qe]
         lse_i, delta_i = lse[:, :, qs:qe, None], delta[:, :, qs:qe, None]
         dq_i = torch.zeros_like(q_i)
-        for ks, ke, needs_mask in _key_blocks(qs, qe, tq, tk, causal, block):
+        for ks, ke, needs_mask in _key_blocks(qs, qe, tq, tk, causal, block, window):
             k_j, v_j = k[:, :, ks:ke], v[:, :, ks:ke]
             s = q_i @ k_j.mT  # S = Q_i K_j^T * scale, as in the forward
             if needs_mask:
-                s = _mask_tile(s, qs, ks, tk - tq)
+                s = _mask_tile(s, qs, ks, tk - tq, window)
             p = s.sub_(lse_i).exp_()  # P = exp(S - L): the softmax, recomputed; masked -> 0
             dv[:, :, ks:ke] += p.mT @ do_i  # dV_j += P^T dO_i
             dp = do_i @ v_j.mT  # dP = dO_i V_j^T
@@ -193,13 +207,13 @@ class OnlineAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: saves q, k, v, out, lse (O(T * D)); the backward recomputes tiles."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float, block: int):
+    def forward(ctx, q, k, v, causal: bool, scale: float, block: int, window: int | None = None):
         # autocast would run the tile matmuls in bf16/fp16 again; the fp32 accumulation is the point
         with torch.autocast(q.device.type, enabled=False):
-            out, lse = _forward(q, k, v, causal, scale, block)
+            out, lse = _forward(q, k, v, causal, scale, block, window)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.scale, ctx.block = causal, scale, block
+        ctx.causal, ctx.scale, ctx.block, ctx.window = causal, scale, block, window
         ctx.set_materialize_grads(False)  # dlse stays None unless the caller uses lse
         return out, lse
 
@@ -209,8 +223,8 @@ class OnlineAttentionFunction(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         with torch.autocast(q.device.type, enabled=False):
-            dq, dk, dv = _backward(dout, q, k, v, out, lse, dlse, ctx.causal, ctx.scale, ctx.block)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+            dq, dk, dv = _backward(dout, q, k, v, out, lse, dlse, ctx.causal, ctx.scale, ctx.block, ctx.window)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def online_attention(
@@ -221,6 +235,7 @@ def online_attention(
     scale: float | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     return_lse: bool = False,
+    window: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T * scale + mask) v on (B, H, T, D) tensors, blockwise with online softmax.
 
@@ -231,10 +246,14 @@ def online_attention(
     Accumulates in float32 (float64 for float64 inputs) and returns ``out`` in the input dtype.
     With ``return_lse=True`` also returns the per-row log-sum-exp of the scaled, masked scores,
     shape (B, H, Tq), in float32; it is differentiable too.
+
+    ``window``: sliding-window causal attention, query ``i`` seeing keys
+    ``i + (Tk - Tq) - window < j <= i + (Tk - Tq)``; key blocks wholly outside it are never visited.
     """
     check_qkv(q, k, v, "online_attention")
+    check_window(window, causal, "online_attention")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"online_attention: block_size must be a positive int, got {block_size!r}")
     scale = resolve_scale(scale, q.shape[-1])
-    out, lse = OnlineAttentionFunction.apply(q, k, v, causal, scale, block_size)
+    out, lse = OnlineAttentionFunction.apply(q, k, v, causal, scale, block_size, window)
     return (out, lse) if return_lse else out

@@ -19,9 +19,17 @@ Positions: learned absolute embeddings (``pos="learned"``, GPT-2's ``wpe``) or r
 (``pos="rope"``, Su et al. 2021: q and k rotated by position-dependent angles before the attention
 call, so their dot products depend only on relative offsets). The attention implementations see
 the same (B, H, T, D) tensors either way.
+
+The speedrun components (modded-nanogpt's techniques, each one ``GPTConfig`` key, each off by
+default so the default model is GPT-2's, bitwise): ``norm="rmsnorm"``, ``bias=False``,
+``qk_norm``, ``mlp="relu2"``, ``zero_init_proj``, ``tie_embeddings=False``, ``logit_softcap``,
+``unet_skips``, ``value_embeddings``, and a sliding attention ``window`` (the config's
+``attn.window``, passed to the attention call only when set). Each one's reason is in its
+docstring or comment where it acts.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -101,6 +109,16 @@ class GPTConfig:
     gelu: str = "tanh"  # "tanh": GPT-2's approximation; "exact": the erf form (nanoGPT's nn.GELU)
     pos: str = "learned"  # "learned": GPT-2's position table; "rope": rotary q/k, no table
     rope_base: float = 10000.0
+    # speedrun components; the defaults are GPT-2's (and today's checkpoints')
+    norm: str = "layernorm"  # "rmsnorm": RMSNorm in place of LayerNorm
+    qk_norm: bool = False  # each head's q and k normalized (by `norm`) before the attention call
+    mlp: str = "gelu"  # "relu2": relu(x)^2 in place of GELU
+    zero_init_proj: bool = False  # residual output projections (and an untied head) start at zero
+    tie_embeddings: bool = True  # False: the LM head has its own weight (and its own lr)
+    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
+    unet_skips: bool = False  # the first half's block outputs added (learned weights) into the second half
+    value_embeddings: bool = False  # per layer, a token embedding mixed into the attention values
+    window: int | None = None  # sliding-window attention (attn.window): each query sees its last `window` keys
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -123,6 +141,51 @@ class GPTConfig:
                              f"n_embd / n_head = {self.n_embd // self.n_head} must be even")
         if not (isinstance(self.rope_base, (int, float)) and self.rope_base > 1):
             raise ValueError(f"model.rope_base must be a number > 1, got {self.rope_base!r}")
+        self._check_components()
+
+    def _check_components(self) -> None:
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"model.norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+        if self.mlp not in ("gelu", "relu2"):
+            raise ValueError(f"model.mlp must be 'gelu' (GPT-2's) or 'relu2' (relu(x)^2), got {self.mlp!r}")
+        cap = self.logit_softcap
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0
+                                or not math.isfinite(cap)):
+            raise ValueError(f"model.logit_softcap must be a number > 0 (logits = cap * tanh(logits / cap)) "
+                             f"or null (no cap), got {cap!r}")
+        if self.unet_skips and self.n_layer < 2:
+            raise ValueError(f"model.unet_skips joins the first and second half of the blocks: it needs "
+                             f"n_layer >= 2, got {self.n_layer}")
+        w = self.window
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= self.block_size):
+            raise ValueError(f"attn.window must be an integer from 1 to model.block_size={self.block_size} "
+                             f"(each query sees its last `window` keys), or null for full causal attention; got {w!r}")
+
+
+def make_norm(config: GPTConfig, dim: int | None = None) -> nn.Module:
+    """LayerNorm (GPT-2), or RMSNorm (Zhang & Sennrich, 2019; Llama, modded-nanogpt): no mean to
+    subtract and no bias, one reduction fewer, and the re-centring was not what made the norm help."""
+    dim = config.n_embd if dim is None else dim
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=1e-6)
+    return nn.LayerNorm(dim, bias=config.bias)
+
+
+def check_accepts_window(attn_fn: AttnFn, window: int | None) -> None:
+    """Raise ``kernels.UnsupportedError`` if a window is asked for and ``attn_fn`` takes no
+    ``window`` keyword (a user's own attention written before the keyword existed)."""
+    if window is None:
+        return
+    try:
+        params = inspect.signature(attn_fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a C function): let the call decide
+        return
+    if not any(p.name == "window" or p.kind is p.VAR_KEYWORD for p in params):
+        from kernels import UnsupportedError
+
+        name = getattr(getattr(attn_fn, "func", attn_fn), "__name__", repr(attn_fn))
+        raise UnsupportedError(f"attn.window={window}: the attention {name} takes no `window` keyword; "
+                               "use attn=naive, sdpa, online or flash, or add window=None to its signature")
 
 
 class CausalSelfAttention(nn.Module):
@@ -135,21 +198,40 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.attn_fn = attn_fn
+        # only when set: an attention function without the keyword keeps working
+        self.attn_kwargs = {} if config.window is None else {"window": config.window}
+        if config.qk_norm:
+            # QK-norm (Dehghani et al., 2023, with LayerNorm; modded-nanogpt, with RMSNorm): q and k
+            # normalized per head (by the model's ``norm``), times a learned gain, so attention
+            # logits cannot grow without bound as the weights grow.
+            head_dim = config.n_embd // config.n_head
+            self.rms_qk = config.norm == "rmsnorm"
+            norm = (lambda: nn.RMSNorm(head_dim, eps=1e-6)) if self.rms_qk else (lambda: nn.LayerNorm(head_dim, bias=False))
+            self.q_norm, self.k_norm = norm(), norm()
+        if config.value_embeddings:  # weights of v and of the value embedding in the mix
+            self.ve_lambda = nn.Parameter(torch.tensor([0.5, 0.5]))
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope=None,
+                ve: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
+        qk, v = qkv[:, :, :2], qkv[:, :, 2]  # views (B, T, 2, H, D) and (B, T, H, D): no copies
+        if hasattr(self, "q_norm"):  # q and k normalized over D in one call, then each its own gain
+            gains = torch.stack((self.q_norm.weight, self.k_norm.weight))[:, None, :]  # (2, 1, D)
+            normalize = F.rms_norm if self.rms_qk else F.layer_norm
+            qk = normalize(qk, qk.shape[-1:], eps=self.q_norm.eps) * gains
         if rope is not None:  # (cos, sin) of these tokens' positions, (T, D/2): q and k rotated at once
             cos, sin = rope[0][:, None, None, :], rope[1][:, None, None, :]  # broadcast over the q/k and head axes
-            q, k = apply_rope(qkv[:, :, :2], cos, sin).unbind(2)
-            v = qkv[:, :, 2]
-        else:
-            q, k, v = qkv.unbind(2)
+            qk = apply_rope(qk, cos, sin)
+        q, k = qk.unbind(2)
+        if ve is not None:  # value embedding (B, T, C): mixed into v with two learned weights
+            lam = self.ve_lambda
+            v = lam[0] * v + lam[1] * ve.view(B, T, self.n_head, C // self.n_head)
         # (B, T, H, D) -> (B, H, T, D); keys are cached rotated
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:  # keys and values of the earlier tokens too: (B, H, T_cached + T, D)
             k, v = cache.append(layer, k, v)
-        y = self.attn_fn(q, k, v, causal=True)  # (B, H, T, D); end-aligned mask when T < T_keys
+        y = self.attn_fn(q, k, v, causal=True, **self.attn_kwargs)  # (B, H, T, D); end-aligned mask when T < T_keys
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -161,23 +243,29 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.approximate = "tanh" if config.gelu == "tanh" else "none"
+        self.relu2 = config.mlp == "relu2"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+        h = self.c_fc(x)
+        # ReLU^2 (So et al., 2021, Primer; modded-nanogpt): cheaper than GELU and sparse, and it
+        # trained faster than GELU in Primer's search
+        h = F.relu(h).square() if self.relu2 else F.gelu(h, approximate=self.approximate)
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block."""
+    """Pre-norm transformer block (LayerNorm, or RMSNorm with ``norm="rmsnorm"``)."""
 
     def __init__(self, config: GPTConfig, attn_fn: AttnFn):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, attn_fn)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope=None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer, rope)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope=None,
+                ve: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, rope, ve)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -189,27 +277,44 @@ class GPT(nn.Module):
         self.config = config
         if attn_fn is None:  # the textbook implementation, imported only when no other is given
             from kernels.naive import naive_attention as attn_fn
+        check_accepts_window(attn_fn, config.window)
         modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
         if config.pos == "learned":  # registered second, as always: the init draws in this order
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         modules.update(
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, attn_fn) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config),
         )
+        if config.value_embeddings:
+            # value embeddings (modded-nanogpt): each layer's values get a token embedding of their
+            # own, so token identity reaches every attention layer without passing the residual stream
+            modules["ve"] = nn.ModuleList([nn.Embedding(config.vocab_size, config.n_embd) for _ in range(config.n_layer)])
         self.transformer = nn.ModuleDict(modules)
         if config.pos == "rope":  # cos and sin of every position's angles, (block_size, head_dim / 2)
             cos, sin = rope_angles(torch.arange(config.block_size), config.n_embd // config.n_head, config.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)  # rebuilt from the config, never saved
             self.register_buffer("rope_sin", sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf, 2017)
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf, 2017)
+        # else untied (modded-nanogpt): the input table and the output head want different things
+        # (an embedding per token vs a classifier), and the head gets its own lr (the "head" kind)
+        if config.unet_skips:
+            # U-net skips (modded-nanogpt): block i's output of the first half is added, with a learned
+            # weight, to the input of block n_layer - 1 - i, a short path from early to late layers
+            self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2))
         self.apply(self._init_weights)
         # GPT-2: scale residual projections by 1/sqrt(2 * n_layer) so the residual stream's
-        # variance does not grow with depth.
+        # variance does not grow with depth. zero_init_proj (modded-nanogpt, muP's zero readout):
+        # start them at zero, so every block begins as the identity and the untied head as 0
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if name.endswith("c_proj.weight") and config.zero_init_proj:
+                nn.init.zeros_(p)
+            elif name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.zero_init_proj and not config.tie_embeddings:
+            nn.init.zeros_(self.lm_head.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -234,11 +339,19 @@ class GPT(nn.Module):
         With a ``cache`` the tokens continue the cached ones (positions ``cache.length`` onwards)
         and their keys and values are appended to it.
         """
-        logits = self.lm_head(self._hidden(idx, cache))  # (B, T, V)
+        logits = self.logits(self._hidden(idx, cache))  # (B, T, V)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head on the final hidden states, soft-capped with ``logit_softcap`` (Gemma 2,
+        modded-nanogpt): ``cap * tanh(logits / cap)`` keeps every logit within +-cap, so the model
+        cannot grow over-confident logits early in training."""
+        logits = self.lm_head(h)
+        cap = self.config.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def _hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """The final LayerNorm's output (B, T, C) for tokens ``idx`` (after the cached ones)."""
@@ -254,8 +367,14 @@ class GPT(nn.Module):
         else:  # rotary: the same positions (only their offsets matter to the scores)
             rope = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.transformer.drop(x)
+        ves = [ve(idx) for ve in self.transformer.ve] if self.config.value_embeddings else [None] * self.config.n_layer
+        skips, half = [], self.config.n_layer // 2 if self.config.unet_skips else 0
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer, rope)
+            if layer >= self.config.n_layer - half:  # second half: the mirrored first-half block's output
+                x = x + self.skip_weights[self.config.n_layer - 1 - layer] * skips[self.config.n_layer - 1 - layer]
+            x = block(x, cache, layer, rope, ves[layer])
+            if layer < half:
+                skips.append(x)
         if cache is not None:
             cache.length = start + T
         return self.transformer.ln_f(x)
@@ -279,12 +398,12 @@ class GPT(nn.Module):
         """
         start = window_start(idx.shape[1], self.config.block_size, window_stride)
         if not use_cache:
-            return self.lm_head(self._hidden(idx[:, start:])[:, -1]), None
+            return self.logits(self._hidden(idx[:, start:])[:, -1]), None
         if cache is not None and cache.start == start and cache.start + cache.length == idx.shape[1] - 1:
             new = idx[:, -1:]  # the one token not yet cached
         else:  # first call, or the window moved: (re)fill the cache from the window
             cache, new = KVCache(self.config.n_layer, self.config.block_size, start), idx[:, start:]
-        return self.lm_head(self._hidden(new, cache)[:, -1]), cache
+        return self.logits(self._hidden(new, cache)[:, -1]), cache
 
     @torch.no_grad()
     def generate(

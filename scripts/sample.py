@@ -23,7 +23,8 @@ from omegaconf import OmegaConf
 
 from kernels import UnavailableError
 from models import GPT, GPTConfig
-from trainer.config import build, components, load_component
+from trainer.config import build_attention as attention_and_window
+from trainer.config import components, load_component
 from trainer.data.tokenizer import BPETokenizer, tokenizer_from_dict
 from trainer.errors import CheckpointError, ConfigError, user_errors
 from trainer.precision import Precision
@@ -89,8 +90,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def build_attention(name: str | None, config: dict):
-    """The run's own attention (its config entry), or configs/attn/<--attn>.yaml."""
-    return build(OmegaConf.create(config["attn"]) if name is None else load_component("attn", name))
+    """The run's own attention (its config entry), or configs/attn/<--attn>.yaml. Its window, if
+    any, is the model's (``GPTConfig.window``, from the checkpoint), whichever attention samples."""
+    return attention_and_window(OmegaConf.create(config["attn"]) if name is None else load_component("attn", name))[0]
 
 
 def check_weights(model_state: dict, path: str) -> None:
@@ -107,9 +109,10 @@ def check_attention_runs(attn_fn, model: GPT, device: torch.device, label: str) 
     implementation that cannot run here is one line before sampling starts, not a traceback after."""
     head_dim = model.config.n_embd // model.config.n_head
     q, kv = torch.zeros(1, 1, 1, head_dim, device=device), torch.zeros(1, 1, 2, head_dim, device=device)
+    window = {} if model.config.window is None else {"window": model.config.window}
     try:
         with torch.no_grad():
-            attn_fn(q, kv, kv, causal=True)
+            attn_fn(q, kv, kv, causal=True, **window)
     except (*user_errors(), RuntimeError, ValueError) as e:  # e.g. the Triton flash kernel on a CPU
         raise UnavailableError(f"{label} cannot run on {device}: {str(e).splitlines()[0]}") from e
 

@@ -410,6 +410,10 @@ def test_best_by_picks_each_components_best_lr(lr_sweep):
     assert lion["p_value"] == pytest.approx(expected) and lion["p_value_note"] is None
     assert (adamw["p_value"], adamw["p_value_note"]) == (None, "baseline")
     assert (sgd["p_value"], sgd["p_value_note"]) == (None, "1 seed")
+    # the difference of the means, for every row with a finished run (a leave-one-out table's Δ)
+    assert lion["delta_val_loss"] == pytest.approx(np.mean(losses_at("lion", 1e-4)) - np.mean(losses_at("adamw", 1e-3)))
+    assert (adamw["delta_val_loss"], adamw["delta_val_loss_note"]) == (None, "baseline")
+    assert sgd["delta_val_loss"] == pytest.approx(1.97 - np.mean(losses_at("adamw", 1e-3)))
 
     # first eval at or below 1.96: adamw seeds 0 and 2 at step 75, seed 1 never; lion 75, 75, 75
     assert adamw["target_reached"] == "2/3" and adamw["steps_to_target"] == pytest.approx(75)
@@ -430,13 +434,13 @@ def test_best_by_table_csv_json_and_lr_plot(lr_sweep, tmp_path, capsys):
     assert script.main(args + ["--plot-dir", str(tmp_path / "plots")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == ("| run | optim | optim.lr | seeds | n | lr | final val loss | best val loss "
-                      "| p vs optim=adamw | reached 1.96 | steps to 1.96 | tokens to 1.96 | time to 1.96 (s) "
+                      "| Δ val vs optim=adamw | p vs optim=adamw | reached 1.96 | steps to 1.96 | tokens to 1.96 | time to 1.96 (s) "
                       "| steps | tokens/s | peak mem (MiB) | wall time (s) | status |")
     lion, adamw, sgd = out[2:5]
     assert lion.startswith("| optim=lion,optim.lr=0.0001,seed=* | lion | 0.0001 | 0,1,2 | 3 | 0.0001 "
                            "| 1.8000 ± 0.0100 |")
-    assert "| baseline | 2/3 | 75 | 2400 | 37.5 |" in adamw
-    assert "| 1.9700 | 1.9700 | 1 seed | 0/1 | - | - | - |" in sgd
+    assert "| baseline | baseline | 2/3 | 75 | 2400 | 37.5 |" in adamw
+    assert "| 1.9700 | 1.9700 | +0.0433 | 1 seed | 0/1 | - | - | - |" in sgd  # 1.97 minus adamw 1e-3's mean
     assert out[5] == "" and all(line.startswith("- ") for line in out[6:])
     assert "Welch" in out[6]
     png = (tmp_path / "plots" / "lr_sensitivity.png").read_bytes()

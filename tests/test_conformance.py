@@ -1,9 +1,9 @@
 """Every component in configs/attn/ and configs/optim/, discovered from its YAML, passes the same checks.
 
 A new ``configs/attn/<name>.yaml`` or ``configs/optim/<name>.yaml`` is tested here without editing
-a list. Attention: the interface ``fn(q, k, v, causal=True, scale=None)`` on (B, H, T, D) tensors,
-against the float64 reference (outputs and gradients), with the causal mask aligned to the end of
-the keys (Tq != Tk: KV-cache decoding); an input an implementation does not support must be refused
+a list. Attention: the interface ``fn(q, k, v, causal=True, scale=None, window=None)`` on
+(B, H, T, D) tensors, against the float64 reference (outputs and gradients), with the causal mask
+and the sliding window aligned to the end of the keys (Tq != Tk: KV-cache decoding); an input an implementation does not support must be refused
 with ``kernels.UnsupportedError`` naming it, never answered wrongly. Optimizers: built the way the
 trainer builds them (the YAML with its param_groups policy), they are ``torch.optim.Optimizer``s
 that minimize a convex problem, refuse a negative lr, and resume bitwise from a state dict.
@@ -74,6 +74,42 @@ def test_scale_and_non_causal_match_the_reference(name, causal):
     q, k, v = (torch.randn(1, 2, 13, 32, generator=g) for _ in range(3))
     out = fn(q, k, v, causal=causal, scale=0.3)
     torch.testing.assert_close(out.double(), attention_f64(q, k, v, causal=causal, scale=0.3), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ATTN)
+@pytest.mark.parametrize("tq,tk", [(9, 9), (1, 9), (3, 9), (11, 9), (40, 40), (5, 40)])
+@pytest.mark.parametrize("window", [1, 3, 8, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sliding_window_matches_float64_reference(name, tq, tk, window, dtype):
+    """``window``: query i (at key position i + Tk - Tq) sees keys j with pos - window < j <= pos,
+    end-aligned as the causal mask (Tq < Tk: a KV cache). A dtype an implementation cannot do
+    (flash: float64) is refused with UnsupportedError, never a wrong answer."""
+    fn = attention(name)
+    g = torch.Generator().manual_seed(tq * 1000 + tk * 10 + window)
+    q = torch.randn(2, 3, tq, 16, generator=g, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, 3, tk, 16, generator=g, dtype=dtype, requires_grad=True) for _ in range(2))
+    do = torch.randn(2, 3, tq, 16, generator=g, dtype=dtype)
+    out = run_or_refused(fn, q, k, v, causal=True, window=window)
+    if out is None:
+        assert name == "flash" and dtype == torch.float64  # flash's kernels: fp32, fp16, bf16
+        return
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = attention_f64(*leaves, causal=True, window=window)
+    ref_grads = torch.autograd.grad(ref, leaves, do.double())
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for a, b in zip([out, *grads], [ref, *ref_grads]):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("name", ATTN)
+@pytest.mark.parametrize("window, causal", [(0, True), (-2, True), (2.5, True), (True, True), (4, False)])
+def test_a_bad_window_is_refused_with_a_value_error(name, window, causal):
+    fn = attention(name)
+    q = torch.randn(1, 2, 4, 16)
+    with pytest.raises(ValueError, match="window"):
+        fn(q, q, q, causal=causal, window=window)
 
 
 @pytest.mark.parametrize("name", ATTN)

@@ -255,3 +255,33 @@ def test_tiny_gpt_trains_identically_with_online_and_naive():
     assert online[-1] < online[0] - 0.1  # it actually learned something, so the comparison means something
     for step, (a, b) in enumerate(zip(online, naive)):
         assert abs(a - b) <= 1e-4, (step, a, b)
+
+
+@pytest.mark.parametrize("T", [256, 1024])
+def test_window_visits_tiles_in_proportion_to_the_window_not_to_t(T):
+    """With a sliding window, each query block visits only the key blocks that overlap some row's
+    window (at most window / block + 2 of them), so the work is O(T * window), not O(T^2)."""
+    from kernels.online import _key_blocks, _query_blocks
+
+    block, window = 32, 48
+    per_qblock = [len(list(_key_blocks(qs, qe, T, T, True, block, window)))
+                  for qs, qe in _query_blocks(T, T, True, block)]
+    assert max(per_qblock) <= window // block + 2
+    full = sum(len(list(_key_blocks(qs, qe, T, T, True, block))) for qs, qe in _query_blocks(T, T, True, block))
+    assert sum(per_qblock) <= (T // block) * (window // block + 2) < full
+    # and the kept tiles give the exact windowed attention, with gradients, across tile edges
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(1, 2, T, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = online_attention(q, k, v, causal=True, window=window, block_size=block)
+    ref = attention_f64(q, k, v, causal=True, window=window)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    do = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(ref, (q, k, v), do)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_window_gradcheck_float64():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 1, 9, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(lambda q, k, v: online_attention(q, k, v, window=3, block_size=2), (q, k, v))

@@ -562,7 +562,7 @@ def test_signature_and_defaults_match_torch(name):
         assert ours_sig[arg].kind == param.kind, arg
         assert ours_sig[arg].default == param.default, arg
     params = make_params(torch.float32, shapes=MATRIX_SHAPES)
-    extra = {"use_muon", "adamw_betas", "adamw_eps"} if name == "Muon" else set()  # its AdamW groups
+    extra = {"use_muon", "adamw_betas", "adamw_eps", "foreach"} if name == "Muon" else set()  # its AdamW groups, batched NS
     assert getattr(ours, name)(params).defaults.keys() == getattr(torch.optim, name)(params).defaults.keys() | extra
 
 
@@ -717,3 +717,39 @@ def test_state_dict_saved_before_the_new_keys_loads(name):
     opt.load_state_dict(state)
     assert opt.param_groups[0]["fused"] is None
     run(opt, params, 2, start=2)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_foreach_batches_same_shape_matrices_as_the_one_matrix_path(nesterov):
+    """foreach=True stacks same-shape matrices into one batched Newton-Schulz: the same rule as
+    torch's one-at-a-time path, up to bfloat16 rounding of the batched matmuls."""
+    shapes = [(5, 3), (3, 5), (4, 4), (5, 3), (4, 4), (4, 4)]  # repeated shapes share a batch
+    torch.manual_seed(0)
+    one = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+    many = [torch.nn.Parameter(p.detach().clone()) for p in one]
+    start = [p.detach().clone() for p in one]
+    opts = [ours.Muon(ps, lr=0.02, weight_decay=0.1, nesterov=nesterov, foreach=f)
+            for ps, f in ((one, None), (many, True))]
+    for _ in range(3):
+        grads = [torch.randn(*s) for s in shapes]
+        for ps, opt in zip((one, many), opts):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b, a0 in zip(one, many, start):
+        torch.testing.assert_close(b, a, rtol=0, atol=2e-3)  # bf16 iterations: ~1e-3 per entry of O, times lr
+        assert (a - a0).abs().max() > 0.02  # three steps moved every matrix by more than that tolerance
+    for a, b in zip(opts[0].state.values(), opts[1].state.values()):
+        torch.testing.assert_close(b["momentum_buffer"], a["momentum_buffer"], rtol=0, atol=0)
+
+
+def test_batched_newton_schulz_orthogonalizes_each_matrix_of_the_stack():
+    from trainer.optim.muon import zeropower_via_newton_schulz
+
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(4, 16, 8, generator=g)
+    stacked = zeropower_via_newton_schulz(G)
+    for i in range(4):
+        torch.testing.assert_close(stacked[i].float(), zeropower_via_newton_schulz(G[i]).float(), rtol=0, atol=2e-2)
+        sv = torch.linalg.svdvals(stacked[i].float())
+        assert 0.6 < sv.min() and sv.max() < 1.3  # the quintic's singular values land in about [0.7, 1.2]

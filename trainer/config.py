@@ -126,6 +126,17 @@ def build(node, *args, **kwargs):
         raise
 
 
+def build_attention(node):
+    """The attention function of an ``attn`` config node and its sliding ``window`` (None: full causal).
+
+    The window is taken out of the node: the model passes it to the attention call only when it is
+    set (``GPTConfig.window``, saved with the checkpoint), so an attention function written without
+    the keyword keeps working, and a run samples with the window it trained with."""
+    spec = OmegaConf.to_container(node, resolve=True)
+    window = spec.pop("window", None)
+    return build(OmegaConf.create(spec)), window
+
+
 # ---------------------------------------------------------------------------------------------
 # top-level settings
 
@@ -136,6 +147,7 @@ SETTINGS = {
     "eval_iters": (int, 1, False), "log_interval": (int, 1, False), "warmup_iters": (int, 0, False),
     "lr_decay_iters": (int, 0, False), "sample_tokens": (int, 0, False), "seed": (int, 0, False),
     "learning_rate": (float, 0.0, False), "min_lr": (float, 0.0, True), "grad_clip": (float, 0.0, False),
+    "target_val_loss": (float, 0.0, True),
 }
 _MAX_INT = 2**63 - 1  # torch seeds and step counters are int64
 

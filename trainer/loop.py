@@ -41,9 +41,8 @@ class Trainer(Run):
         max_iters, eval_interval, log_interval = int(cfg.max_iters), int(cfg.eval_interval), int(cfg.log_interval)
         n_params = self.raw_model.num_params()
         monitor.hparams(run_hparams(cfg, n_params))
-        monitor.message(f"model: {n_params / 1e6:.2f}M parameters, vocab {self.model_config.vocab_size}; "
-                        f"{self.tokens_per_step:,} tokens per step on {self.dist.world_size} process(es), "
-                        f"device {self.device}")
+        monitor.message(f"model: {n_params / 1e6:.2f}M parameters, vocab {self.model_config.vocab_size}; {self.tokens_per_step:,} "
+                        f"tokens per step on {self.dist.world_size} process(es), device {self.device}")
         speed = speed_for_run(self.raw_model, self.device, self.precision.name, seq_len=int(cfg.block_size),
                               micro_batch=int(cfg.batch_size), tokens_per_step=self.tokens_per_step,
                               world_size=self.dist.world_size, peak_tflops=cfg.get("peak_tflops"),
@@ -58,6 +57,7 @@ class Trainer(Run):
             self._log_eval(self.last_eval)
         reset_peak_memory(self.device)
         losses, first = {}, self.iteration
+        self.clock.start()  # training time: from here, less the evals
         with StopSignals(self.dist) as self.stop:
             try:
                 while self.iteration < max_iters:
@@ -78,8 +78,11 @@ class Trainer(Run):
                     # eval and checkpoint (not counted as training time)
                     if eval_interval > 0 and self.iteration % eval_interval == 0 and self.iteration < max_iters:
                         losses = self._eval_and_checkpoint(final=False)
+                        if self.clock.reached is not None:  # target_val_loss reached: the run ends here
+                            break
                         speed.restart(self.iteration)
-                losses = self._eval_and_checkpoint(final=True)
+                if self.clock.reached is None:
+                    losses = self._eval_and_checkpoint(final=True)
             finally:
                 if profiler is not None:
                     profiler.stop()
@@ -117,8 +120,7 @@ class Trainer(Run):
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
 
     def _micro_batches(self, it: int):
-        """This rank's micro-batches of iteration ``it``: slices of one global draw, so the data a
-        step sees does not depend on how it is split over ranks and accumulation steps."""
+        """This rank's micro-batches of iteration ``it``: slices of one global draw (the same data for any split)."""
         bs, block = int(self.cfg.batch_size), int(self.cfg.block_size)
         gen = torch.Generator().manual_seed(step_seed(self.cfg.seed, it, 0))
         offsets = data_lib.sample_offsets(self.data.train, block, self.accum * self.dist.world_size * bs, gen)
@@ -134,9 +136,7 @@ class Trainer(Run):
     def _log_step(self, it: int, metrics: dict, speed) -> None:
         """Log a step: the one place the loop reads the step's device values (and so waits for them)."""
         self.check_diverged()
-        extra = {}
-        if self.scaler.is_enabled():
-            extra = {"loss_scale": self.scaler.get_scale(), "skipped_steps": self.skipped_steps}
+        extra = {"loss_scale": self.scaler.get_scale(), "skipped_steps": self.skipped_steps} if self.scaler.is_enabled() else {}
         self.monitor.log_step(it, float(metrics["loss"]), metrics["lr"], float(metrics["grad_norm"]),
                               speed.lap(self.iteration), extra)
         if speed.note:  # the peak was re-measured or found wrong: said once
@@ -169,6 +169,7 @@ class Trainer(Run):
     def _eval_and_checkpoint(self, final: bool) -> dict[str, float]:
         it = self.iteration
         self.check_state()  # before evaluating; evaluation does not change what is then saved
+        self.clock.start_eval()  # after check_state, which waits for the queued steps
         losses = self.evaluate()
         if not math.isfinite(losses["val"] + losses["train"]):  # finite but blown-up weights: not worth keeping
             raise self._diverged(f"eval loss became {losses['val']:g} (val), {losses['train']:g} (train) at step {it}")
@@ -182,9 +183,11 @@ class Trainer(Run):
         if self.dist.is_main and int(self.cfg.sample_tokens) > 0 and self.data.tokenizer is not None:
             self.monitor.text("sample", self.sample(), it)
         self._write_checkpoints(best=improved)
+        timing = self.clock.end_eval(it, losses["val"], self.monitor)
         self.monitor.write_summary(step=it, best_val_loss=self.best_val_loss, val_bpb=losses["val_bpb"],
-                                   final_val_loss=losses["val"] if final else None,
-                                   best_val_bpb=self.best_val_bpb if math.isfinite(self.best_val_bpb) else None)
+                                   final_val_loss=losses["val"] if final or self.clock.reached else None,
+                                   best_val_bpb=self.best_val_bpb if math.isfinite(self.best_val_bpb) else None,
+                                   **timing)
         return losses
 
     def _log_eval(self, ev: dict) -> None:
@@ -208,10 +211,8 @@ class Trainer(Run):
             raise self._diverged(f"weights or optimizer state became non-finite by step {self.iteration}")
 
     def _diverged(self, what: str) -> TrainingError:
-        if self.good_checkpoint is not None:
-            kept = f"the last good checkpoint {self.good_checkpoint} is kept"
-        else:
-            kept = "no checkpoint of this run had been saved yet, so there is nothing to resume from"
+        kept = (f"the last good checkpoint {self.good_checkpoint} is kept" if self.good_checkpoint is not None
+                else "no checkpoint of this run had been saved yet, so there is nothing to resume from")
         return TrainingError(f"{what}; stopped, {kept}. Try a lower learning rate, grad_clip, or precision=bf16")
 
     # ------------------------------------------------------------------------------------------

@@ -303,6 +303,40 @@ def speed_for_run(model: torch.nn.Module, device: torch.device, precision: str, 
 # the run's outputs
 
 
+class TrainClock:
+    """Training time with the evals taken out (as the speedrun counts it), and ``target_val_loss``:
+    the first eval at or below it records the time, tokens and steps to it (``reached``).
+    Times count from this process's :meth:`start`; a resumed run starts a new clock."""
+
+    def __init__(self, target: float | None, tokens_per_step: int):
+        self.target, self.tokens_per_step = target, tokens_per_step
+        self.started = self.eval_started = time.perf_counter()
+        self.eval_s, self.reached = 0.0, None
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def start_eval(self) -> None:
+        self.eval_started = time.perf_counter()
+
+    def end_eval(self, it: int, val: float, monitor: "Monitor") -> dict:
+        """Books the eval that began at :meth:`start_eval`; returns the summary's timing entries."""
+        train_s = self.eval_started - self.started - self.eval_s
+        self.eval_s += time.perf_counter() - self.eval_started  # evaluation, sample and checkpoint writing
+        monitor.scalars(it, {"time/train_s": train_s, "time/eval_s": self.eval_s})
+        if self.target is not None and self.reached is None and val <= self.target:
+            tokens = it * self.tokens_per_step
+            self.reached = {"reached_target": True, "steps_to_target": it, "tokens_to_target": tokens,
+                            "time_to_target_s": train_s}
+            monitor.scalars(it, {f"target/{k}": v for k, v in self.reached.items() if k != "reached_target"})
+            monitor.message(f"reached target_val_loss={self.target:g} at step {it} (val loss {val:.4f}): "
+                            f"{train_s:.2f} s of training, {tokens:,} tokens; evaluation so far "
+                            f"{self.eval_s:.2f} s, not counted")
+        extra = {} if self.target is None else {"target_val_loss": float(self.target), "reached_target": False,
+                                                **(self.reached or {})}
+        return {"eval_time_s": self.eval_s, **extra}
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start a new peak-memory window, so each run of a sweep (one process) reports its own peak."""
     if device.type == "cuda":

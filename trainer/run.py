@@ -19,9 +19,9 @@ from omegaconf import OmegaConf
 from models import GPT
 from trainer import data as data_lib
 from trainer import pretrained as pretrained_lib
-from trainer.config import build, check_settings, compile_mode, merge_overrides, resume_config
+from trainer.config import build, build_attention, check_settings, compile_mode, merge_overrides, resume_config
 from trainer.errors import OutputError, UserError
-from trainer.monitor import Monitor
+from trainer.monitor import Monitor, TrainClock
 from trainer.rundir import RunDir, load_checkpoint, os_reason, restore
 from trainer.runtime import broadcast_object, configure_math, init_distributed
 from trainer.schedule import constant
@@ -72,9 +72,11 @@ class Run:
         data_lib.check_block_size(self.data, int(cfg.block_size))
         if pretrained is not None:
             pretrained.check_vocab(self.data)
-        self.model_config = build(cfg.model, vocab_size=data_lib.model_vocab_size(self.data, cfg.model.get("vocab_size")))
+        attn_fn, window = build_attention(cfg.attn)  # attn.window goes to the model, which passes it on
+        self.model_config = build(cfg.model, vocab_size=data_lib.model_vocab_size(self.data, cfg.model.get("vocab_size")),
+                                  window=window)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
-        self.raw_model = GPT(self.model_config, build(cfg.attn)).to(self.device)
+        self.raw_model = GPT(self.model_config, attn_fn).to(self.device)
         if pretrained is not None:  # fine-tuning: the checkpoint's weights replace the random ones
             pretrained.load_into(self.raw_model)
         self.fwd_model = torch.compile(self.raw_model, mode=compile_mode(cfg.get("compile_mode"))) if cfg.compile \
@@ -95,6 +97,7 @@ class Run:
         self._skipped = torch.zeros((), dtype=torch.int64, device=self.device)  # fp16 steps the scaler skipped
         self.last_eval: dict | None = None  # the latest eval's losses, saved with the checkpoint
         self.good_checkpoint: Path | None = None  # what a divergence falls back to
+        self.clock = TrainClock(cfg.get("target_val_loss"), self.tokens_per_step)  # evals excluded; time to target
         notes = []
         if state is not None:  # the run continues: weights, optimizer and scaler state, counters
             tokenizer = None if self.data.tokenizer is None else self.data.tokenizer.to_dict()

@@ -245,8 +245,10 @@ def restore(state: dict, path, model, optimizer, rebuild, scaler, cfg, model_arg
 
 def check_compatible(ckpt_model_args: dict, model_args: dict, source: str) -> None:
     """Raise CheckpointError naming every shape field that differs between checkpoint and config."""
-    keys = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos")
-    older = {"pos": "learned"}  # checkpoints from before a field existed had its default
+    keys = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos", "norm", "qk_norm",
+            "tie_embeddings", "unet_skips", "value_embeddings")  # the fields that change the weights' names or shapes
+    older = {"pos": "learned", "norm": "layernorm", "qk_norm": False, "tie_embeddings": True, "unet_skips": False,
+             "value_embeddings": False}  # checkpoints from before a field existed had its default
     saved, now = ({k: args.get(k, older.get(k)) for k in keys} for args in (ckpt_model_args, model_args))
     diffs = [f"{k}: checkpoint {saved[k]!r} vs config {now[k]!r}" for k in keys if saved[k] != now[k]]
     if diffs:

@@ -4,6 +4,7 @@
     git clone https://github.com/karpathy/nanoGPT /tmp/nanoGPT          # any nanoGPT checkout
     OMP_WAIT_POLICY=PASSIVE python scripts/bench/bench_vs_nanogpt.py /tmp/nanoGPT --rounds 3 --iters 300
     OMP_WAIT_POLICY=PASSIVE python scripts/bench/bench_vs_nanogpt.py /tmp/nanoGPT --in-process --rounds 6
+    python scripts/bench/bench_vs_nanogpt.py /tmp/nanoGPT --record --rounds 3 --budget-iters 1200   # the speedrun record
 
 Both run the same nano recipe on the same text: our Shakespeare corpus (char-level) is written
 as nanoGPT's ``train.bin`` / ``val.bin`` / ``meta.pkl`` into a scratch directory, and nanoGPT's
@@ -12,6 +13,16 @@ nothing of nanoGPT is copied into this repository). Recipe: 4 layers, 4 heads, 1
 64, batch 12, bias, dropout 0, AdamW lr 1e-3 (betas 0.9/0.99, decay 0.1), warmup 100, cosine,
 grad clip 1, fp32, no compile, periodic evaluation off (nanoGPT still evaluates once at step 0,
 outside the timed window).
+
+``--record``: time to a target loss instead of tokens/s. Each round runs nanoGPT's recipe for its
+2000 iterations (timed from its iteration-0 line to its last one, so start-up and its step-0
+evaluation are outside, as below; its own val loss estimate at step 2000 is printed too) and our
+``+experiment=speedrun_cpu`` preset, which stops at the first eval with val loss <= 1.8857 and
+records in summary.json the training time to it with evaluations excluded (``time_to_target_s``,
+as the speedrun counts it; ``eval_time_s`` beside it). With ``--budget-iters N`` the round also
+runs the preset for N steps without the target and reports the best val loss among its evals whose
+training time (TensorBoard ``time/train_s``) is within that round's nanoGPT time. Rounds alternate
+which program goes first; ratios are per round, then the median.
 
 Throughput is timed by this script, the same way for both: between the progress lines of two
 steps (``--start`` and the last logged step), as the lines arrive on the child's stdout.
@@ -25,6 +36,7 @@ which program goes first; the table gives each round's ratios and the median.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 import re
@@ -56,6 +68,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--in-process", action="store_true",
                    help="instead: time one training step of both models, and our Trainer.train_step, in this process")
     p.add_argument("--steps", type=int, default=20, help="--in-process: steps per timed burst")
+    p.add_argument("--record", action="store_true",
+                   help="instead: our speedrun preset's time to the target val loss against nanoGPT's time for --iters")
+    p.add_argument("--preset", default="speedrun_cpu", help="--record: the experiment preset that trains to the target")
+    p.add_argument("--budget-iters", type=int, default=0,
+                   help="--record: also run the preset for this many steps (no target) and report its best val "
+                        "loss within nanoGPT's time (0: skip)")
     return p.parse_args(argv)
 
 
@@ -197,11 +215,97 @@ def nanogpt_cmd(args, out_dir: Path) -> list[str]:
             *(f"--{k}={v}" for k, v in opts.items()), *args.nanogpt_args]
 
 
+def nanogpt_seconds(marks: list[tuple], iters: int) -> float:
+    """nanoGPT's wall seconds for its ``iters`` iterations: from the iteration-0 line to the line of
+    iteration ``iters - 1`` (log_interval 1), plus one median step for the step-0 work left outside."""
+    times = {step: wall for step, wall, _ in marks}
+    if 0 not in times or iters - 1 not in times:
+        raise SystemExit(f"error: nanoGPT logged no iteration 0 or {iters - 1}; see its log")
+    steps = [b - a for a, b in zip(list(times.values()), list(times.values())[1:])]
+    return times[iters - 1] - times[0] + statistics.median(steps)
+
+
+def read_curve(run_dir: Path) -> list[tuple[float, float]]:
+    """(training seconds, val loss) at each eval of one of our runs, from its TensorBoard events."""
+    from trainer.analysis.runs import read_run
+
+    run = read_run(run_dir, run_dir)
+    train_s = dict(zip(run.scalars["time/train_s"].steps, run.scalars["time/train_s"].values))
+    return [(train_s[step], loss) for step, loss in zip(run.val.steps, run.val.values) if step in train_s]
+
+
+def record(args, work: Path) -> int:
+    """The speedrun record: our preset's time to its target against nanoGPT's time for --iters."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import alternated, ratio
+
+    args.nanogpt_args = ["--log_interval=1", f"--eval_interval={args.iters}", "--eval_iters=200", *args.nanogpt_args]
+    done: dict[str, list[dict]] = {"nanoGPT": [], "ours": [], "ours, budget": []}  # per round, in order
+
+    def nanogpt() -> float:
+        log = work / f"nanogpt_record_r{len(done['nanoGPT'])}.log"
+        marks = timed_steps(nanogpt_cmd(args, log.with_suffix("")), work, NANOGPT_LINE, log, args.threads)
+        val = re.findall(rf"step {args.iters}: train loss [\d.]+, val loss ([\d.]+)", log.read_text())
+        done["nanoGPT"].append({"s": nanogpt_seconds(marks, args.iters), "val": float(val[-1]) if val else None})
+        return done["nanoGPT"][-1]["s"]
+
+    def ours(budget: int = 0) -> float:
+        key = "ours, budget" if budget else "ours"
+        run = work / f"{'ours_budget' if budget else 'ours_record'}_r{len(done[key])}"
+        extra = ["target_val_loss=null", f"max_iters={budget}"] if budget else []
+        cmd = [sys.executable, str(REPO / "scripts" / "train.py"), f"+experiment={args.preset}", "device=cpu",
+               f"hydra.run.dir={run}", *args.ours, *extra]
+        timed_steps(cmd, REPO, OURS_LINE, run.with_suffix(".log"), args.threads)
+        summary = json.loads((run / "summary.json").read_text())
+        done[key].append({**summary, "curve": read_curve(run)})
+        if not budget and not summary.get("reached_target"):
+            raise SystemExit(f"error: {args.preset} did not reach its target; see {run}")
+        return summary["wall_time_s"] if budget else summary["time_to_target_s"]
+
+    measure = {"nanoGPT": nanogpt, "ours": ours}
+    if args.budget_iters:
+        measure["ours, budget"] = lambda: ours(args.budget_iters)
+    alternated(measure, rounds=args.rounds, log=lambda line: print(line, flush=True))
+    print()
+    for r in range(args.rounds):
+        print_round(r, done, args.iters)
+    ng = [x["s"] for x in done["nanoGPT"]]
+    ours_s = [x["time_to_target_s"] for x in done["ours"]]
+    with_evals = [x["time_to_target_s"] + x["eval_time_s"] for x in done["ours"]]
+    print(f"\nmedian over {args.rounds} rounds: nanoGPT {statistics.median(ng):.1f} s for {args.iters} iterations; "
+          f"ours {statistics.median(ours_s):.1f} s of training to val <= {done['ours'][0]['target_val_loss']} "
+          f"(evals excluded), {statistics.median(with_evals):.1f} s with them")
+    print(f"ours / nanoGPT (median, then per round): {ratio(ours_s, ng, digits=3)}; "
+          f"with evals {ratio(with_evals, ng, digits=3)}")
+    if args.budget_iters:
+        best = [x["best_in_time"] for x in done["ours, budget"]]
+        print(f"best val loss within nanoGPT's time, {args.budget_iters}-step budget: median {statistics.median(best):.4f} "
+              f"({', '.join(f'{b:.4f}' for b in best)})")
+    return 0
+
+
+def print_round(r: int, done: dict, iters: int) -> None:
+    ng, s = done["nanoGPT"][r], done["ours"][r]
+    line = (f"round {r + 1}: nanoGPT {ng['s']:.1f} s for {iters} iterations (its val {ng['val']}); ours "
+            f"{s['final_val_loss']:.4f} at step {s['steps_to_target']} ({s['tokens_to_target']:,} tokens) after "
+            f"{s['time_to_target_s']:.1f} s of training + {s['eval_time_s']:.1f} s of evals; ratio "
+            f"{s['time_to_target_s'] / ng['s']:.3f} (with evals {(s['time_to_target_s'] + s['eval_time_s']) / ng['s']:.3f})")
+    if done["ours, budget"]:
+        b = done["ours, budget"][r]
+        within = [loss for t, loss in b["curve"] if t <= ng["s"]]
+        b["best_in_time"] = min(within) if within else float("nan")
+        line += (f"; budget run: best val {b['best_in_time']:.4f} within {ng['s']:.1f} s of training "
+                 f"(its last eval at {b['curve'][-1][0]:.1f} s: {b['curve'][-1][1]:.4f})")
+    print(line, flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.in_process:
         in_process(args)
         return 0
+    if args.record and args.iters == 300:  # the default --iters is for tokens/s; the record is against 2000
+        args.iters = 2000
     if args.iters <= 100:  # nanoGPT's cosine schedule divides by (lr_decay_iters - warmup_iters)
         print("error: --iters must exceed the recipe's 100 warmup steps", file=sys.stderr)
         return 2
@@ -214,6 +318,10 @@ def main(argv=None) -> int:
     configurator = work / "configurator.py"  # nanoGPT's train.py exec()s it from the working directory
     if not configurator.exists():
         configurator.symlink_to((args.nanogpt / "configurator.py").resolve())
+    if args.record:
+        print(f"scratch dir {work}; nanoGPT {args.iters} iterations against {args.preset}, "
+              f"{args.threads or 'default'} thread(s) each")
+        return record(args, work)
     print(f"scratch dir {work}; {args.iters} steps per run, timed from step {args.start}")
     print("| round | first | ours tok/s | nanoGPT tok/s | ratio (wall) | ours tok/CPU-s | nanoGPT tok/CPU-s "
           "| ratio (CPU time) |\n|---:|---|---:|---:|---:|---:|---:|---:|")

@@ -3,8 +3,9 @@ baseline, and the time each run took to reach a target val loss.
 
 - ``best_by="optim"``: for each optimizer, the seed group (one lr, one setup) with the lowest mean
   final val loss, so every optimizer is shown at its own best lr rather than at a shared one.
-- ``baseline="optim=adamw"``: Welch's two-sided t-test of each row's per-seed final val losses
-  against the baseline row's. A row with fewer than two seeds (or two rows with no spread at all)
+- ``baseline="optim=adamw"``: each row's mean final val loss minus the baseline row's (``Δ``), and
+  Welch's two-sided t-test of each row's per-seed final val losses against the baseline row's
+  (a leave-one-out ablation: ``--baseline ablate=none``, one row per component taken out). A row with fewer than two seeds (or two rows with no spread at all)
   gets no p-value, and its cell says why.
 - ``target=1.9``: steps, tokens and wall-clock seconds until val loss first reached 1.9, as the
   mean over the seeds that reached it; the runs that never did are listed by name.
@@ -131,6 +132,16 @@ def p_value(group: Group, baseline: Group) -> tuple[float | None, str | None]:
         return None, "no spread"
 
 
+def delta(group: Group, baseline: Group) -> tuple[float | None, str | None]:
+    """Mean final val loss minus the baseline's (negative: better); or None and the reason."""
+    if group is baseline:
+        return None, "baseline"
+    mine, theirs = final_loss(group), final_loss(baseline)
+    if mine is None or theirs is None:
+        return None, "not completed" if mine is None else "baseline not completed"
+    return mine - theirs, None
+
+
 def report(groups: Sequence[Group], keys: Sequence[str], best_by: str | None = None,
            baseline: str | None = None, target: float | None = None
            ) -> tuple[list[Group], list[dict[str, Any]], list[str]]:
@@ -150,9 +161,10 @@ def report(groups: Sequence[Group], keys: Sequence[str], best_by: str | None = N
                       f"(best {_fmt(r.numbers['best_val_loss'], 4)})" for r in never]
         if base is not None:
             row["p_value"], row["p_value_note"] = p_value(group, base)
+            row["delta_val_loss"], row["delta_val_loss_note"] = delta(group, base)
     if base is not None:
-        notes.insert(0, f"p: Welch's two-sided t-test of per-seed final val loss against {baseline}; "
-                        "it needs at least 2 seeds in both rows")
+        notes.insert(0, f"Δ: mean final val loss minus {baseline}'s (+: worse); p: Welch's two-sided t-test of "
+                        f"per-seed final val loss against {baseline}; it needs at least 2 seeds in both rows")
     by_row = {id(row): group for group, row in zip(groups, rows)}
     rows = sort_rows(rows, "final_val_loss" if best_by else "best_val_loss")
     return [by_row[id(row)] for row in rows], rows, notes

@@ -1,7 +1,7 @@
 """Render :mod:`trainer.analysis.runs` rows as a markdown table, CSV or JSON.
 
 A metric column appears when some row has a value for it: val bpb and MFU for runs that logged
-them; n (seeds), lr, p-values and time to target when :mod:`trainer.analysis.report` added them.
+them; n (seeds), lr, the difference and p-value against a baseline and time to target when :mod:`trainer.analysis.report` added them.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from trainer.analysis.runs import MISSING, WITH_STD, _cell
 # (markdown header, row key, digits). Headers with {target} / {baseline} are filled in per table.
 METRICS = [
     ("n", "n", 0), ("lr", "lr", None), ("final val loss", "final_val_loss", 4),
-    ("best val loss", "best_val_loss", 4), ("p vs {baseline}", "p_value", None),
+    ("best val loss", "best_val_loss", 4), ("Δ val vs {baseline}", "delta_val_loss", 4),
+    ("p vs {baseline}", "p_value", None),
     ("final val bpb", "final_val_bpb", 4), ("best val bpb", "best_val_bpb", 4),
     ("reached {target}", "target_reached", 0),
     ("steps to {target}", "steps_to_target", 0), ("tokens to {target}", "tokens_to_target", 0),
@@ -24,6 +25,7 @@ METRICS = [
     ("tokens/s", "tokens_per_sec", 0), ("MFU (%)", "mfu", 1), ("peak mem (MiB)", "peak_mem_mb", 1),
     ("wall time (s)", "wall_time_s", 1),
 ]
+NOTED = ("p_value", "delta_val_loss")  # columns whose empty cells say why ("baseline", "1 seed")
 ALWAYS = ("final_val_loss", "best_val_loss", "steps", "tokens_per_sec", "peak_mem_mb", "wall_time_s")
 
 
@@ -54,6 +56,8 @@ def metric_cell(row: dict[str, Any], key: str, digits: int | None) -> str:
         return row[f"{key}_note"]  # why there is no number: "baseline", "1 seed", ...
     if key == "p_value":
         return _p(value)
+    if key == "delta_val_loss" and value is not None:  # signed: + is worse than the baseline
+        return f"{value:+.{digits}f}"
     if key == "mfu" and value is not None:
         value = 100 * value
     return _fmt(value, digits) if std is None else f"{_fmt(value, digits)} ± {_fmt(std, digits)}"
@@ -91,7 +95,7 @@ def to_csv(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
     names = ["n", "seeds"]
     for _, key, _ in metric_columns(rows):
         if key != "n":  # already first
-            names += [key] + ([f"{key}_std"] if key in WITH_STD else [f"{key}_note"] if key == "p_value" else [])
+            names += [key] + ([f"{key}_std"] if key in WITH_STD else [f"{key}_note"] if key in NOTED else [])
     names.append("status")
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
