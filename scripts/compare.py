@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         candidates = group_runs(runs, keys)
         groups, rows, notes = report(candidates, keys, args.best_by, args.baseline, args.target)
         if args.plot_dir:
-            files = write_plots(groups, args.plot_dir, keys, args.best_by, candidates)
+            files = write_plots(groups, args.plot_dir, keys, args.best_by, candidates, args.baseline)
     except CompareError as err:
         print(f"compare.py: error: {err}", file=sys.stderr)
         return 2

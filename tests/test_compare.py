@@ -662,3 +662,26 @@ def test_experiment_configs_sweep_existing_options(experiment, group, options):
     assert cfg.max_iters == 7  # run size stays an ordinary, overridable top-level key
     for option in options:
         assert (REPO / "configs" / group / f"{option}.yaml").is_file()
+
+
+def test_delta_plot_rows_are_welch_differences_and_the_png_is_written(lr_sweep, tmp_path):
+    """The leave-one-out plot: each row's mean final loss minus the baseline's, its standard error
+    sqrt(s_a^2/n_a + s_b^2/n_b) and Welch's p."""
+    from trainer.analysis.plots import delta_rows
+    from trainer.analysis.report import find_baseline, report
+    from trainer.analysis.stats import welch_t_test
+
+    runs = cmp.load_runs(lr_sweep)
+    keys = cmp.table_keys(runs)
+    groups, _, _ = report(cmp.group_runs(runs, keys), keys, best_by="optim")
+    base = find_baseline(groups, "optim=adamw")
+    rows = delta_rows(groups, keys, base)
+    a, b = np.array(losses_at("lion", 1e-4)), np.array(losses_at("adamw", 1e-3))
+    assert len(rows) == 2 and rows[0][0] == pytest.approx(a.mean() - b.mean())  # lion first: most negative
+    assert rows[0][1] == pytest.approx(math.sqrt(a.var(ddof=1) / 3 + b.var(ddof=1) / 3))
+    assert rows[0][2] == pytest.approx(welch_t_test(list(a), list(b))[2])
+    assert rows[1][0] == pytest.approx(losses_at("sgd", 0.3)[0] - b.mean()) and rows[1][1] == 0.0  # one seed
+    plots = tmp_path / "plots"
+    assert load_script().main([str(lr_sweep), "--best-by", "optim", "--baseline", "optim=adamw",
+                               "--plot-dir", str(plots)]) == 0
+    assert (plots / "delta_vs_baseline.png").read_bytes()[:8] == PNG_MAGIC

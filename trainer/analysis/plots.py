@@ -5,6 +5,7 @@ Matplotlib is an optional extra (``pip install -e '.[plot]'``), imported only by
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -12,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from trainer.analysis.runs import CompareError, Group, mean_std
-from trainer.analysis.report import final_loss, group_lr
+from trainer.analysis.report import delta, find_baseline, final_loss, group_lr, p_value
 from trainer.analysis.table import _fmt
 
 MATPLOTLIB_HINT = "matplotlib is not installed: pip install -e '.[plot]'"
@@ -40,6 +41,8 @@ def _plot_label(group: Group, keys: Sequence[str]) -> str:
 
 def _loss_plot(plt: Any, groups: Sequence[Group], keys: Sequence[str], by_time: bool, file: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
+    if len(groups) > 10:  # the default cycle has 10 colors: no two lines may share one
+        ax.set_prop_cycle(color=[plt.get_cmap("tab20")(i % 20) for i in range(len(groups))])
     for group in groups:
         steps, times, losses = _aligned(group)
         if steps.size == 0:
@@ -113,10 +116,44 @@ def _lr_plot(plt: Any, groups: Sequence[Group], key: str, chosen: Sequence[Group
     plt.close(fig)
 
 
+def delta_rows(groups: Sequence[Group], keys: Sequence[str], baseline: Group) -> list[tuple]:
+    """(Δ mean final val loss vs ``baseline``, its standard error sqrt(s_a²/n_a + s_b²/n_b), Welch p,
+    label) for every finished row but the baseline, lowest Δ first."""
+    rows = []
+    for g in groups:
+        d, _ = delta(g, baseline)
+        if d is None:
+            continue
+        sa, sb = (mean_std(x.numbers("final_val_loss"))[1] for x in (g, baseline))
+        se = math.sqrt(sa**2 / len(g.runs) + sb**2 / len(baseline.runs)) if sa is not None and sb is not None else 0.0
+        rows.append((d, se, p_value(g, baseline)[0], _plot_label(g, keys)))
+    return sorted(rows, key=lambda r: r[0])
+
+
+def _delta_plot(plt: Any, groups: Sequence[Group], keys: Sequence[str], baseline: Group, file: Path) -> None:
+    """Each row's Δ final val loss against the baseline's as a bar, ± its standard error, the
+    Welch p-value beside it: a leave-one-out ablation at a glance."""
+    rows = delta_rows(groups, keys, baseline)
+    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.4 * max(len(rows), 1)))
+    colors = ["tab:green" if d < 0 else "tab:red" for d, *_ in rows]
+    ax.barh([r[3] for r in rows], [r[0] for r in rows], xerr=[r[1] for r in rows], color=colors, alpha=0.8, capsize=3)
+    for y, (d, se, p, _) in enumerate(rows):
+        ax.text(max(d + se, 0.0), y, f"  p={p:.2g}" if p is not None else "", va="center", fontsize="small")
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"Δ final val loss vs {_plot_label(baseline, keys)} (+: worse; bar: ± standard error)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(file, dpi=100)
+    plt.close(fig)
+
+
 def write_plots(groups: Sequence[Group], out_dir: str | os.PathLike, keys: Sequence[str] = (),
-                best_by: str | None = None, candidates: Sequence[Group] = ()) -> list[Path]:
+                best_by: str | None = None, candidates: Sequence[Group] = (), baseline: str | None = None
+                ) -> list[Path]:
     """Val loss vs step, val loss vs wall-clock time, and tokens/s + peak memory bars, as PNGs;
-    with ``best_by``, also final val loss vs lr over every group in ``candidates``.
+    with ``best_by``, also final val loss vs lr over every group in ``candidates``; with
+    ``baseline`` (key=value), each row's Δ final val loss against that row's, with p-values.
 
     Lines and bars are labelled by the table's columns ``keys`` (run paths when empty)."""
     try:
@@ -135,4 +172,7 @@ def write_plots(groups: Sequence[Group], out_dir: str | os.PathLike, keys: Seque
     if best_by:
         files.append(out / "lr_sensitivity.png")
         _lr_plot(plt, candidates or groups, best_by, groups, files[-1])
+    if baseline:
+        files.append(out / "delta_vs_baseline.png")
+        _delta_plot(plt, groups, keys, find_baseline(groups, baseline), files[-1])
     return files
