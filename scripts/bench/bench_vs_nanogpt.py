@@ -37,21 +37,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pickle
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from common import PROGRESS_LINE, REPO, alternated, ratio, ratio_cell, timed_steps
 
-REPO = Path(__file__).resolve().parents[2]
 RECIPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12)
-OURS_LINE = re.compile(r"^\s*step\s+(\d+)/\d+")
 NANOGPT_LINE = re.compile(r"^iter (\d+): loss")
 
 
@@ -159,31 +156,6 @@ def write_nanogpt_data(work: Path) -> Path:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (all its threads) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-
-
-def timed_steps(cmd: list[str], cwd: Path, pattern: re.Pattern, log: Path, threads: int) -> list[tuple]:
-    """Run ``cmd``; return (step, wall time, CPU time) for each progress line matching ``pattern``."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")
-    marks = []
-    with open(log, "w") as f, subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                                 stderr=subprocess.STDOUT, text=True) as proc:
-        for line in proc.stdout:
-            now = time.perf_counter()
-            f.write(line)
-            m = pattern.match(line)
-            if m:
-                marks.append((int(m.group(1)), now, cpu_seconds(proc.pid)))
-    if proc.returncode != 0:
-        raise SystemExit(f"error: {' '.join(cmd[:3])} ... failed (exit {proc.returncode}); see {log}")
-    return marks
-
-
 def tokens_per_sec(marks: list[tuple], start: int) -> tuple[float, float]:
     """Tokens per wall second and per CPU second over the timed window."""
     window = [m for m in marks if m[0] >= start]
@@ -192,11 +164,6 @@ def tokens_per_sec(marks: list[tuple], start: int) -> tuple[float, float]:
     (s0, w0, c0), (s1, w1, c1) = window[0], window[-1]
     tokens = (s1 - s0) * RECIPE["batch_size"] * RECIPE["block_size"]
     return tokens / (w1 - w0), tokens / max(c1 - c0, 1e-9)
-
-
-def ratio_cell(ratios: list[float], digits: int = 2) -> str:
-    """A table cell for alternated rounds: the median ratio, then every round's, e.g. '1.21x (1.18, 1.24)'."""
-    return f"{statistics.median(ratios):.{digits}f}x ({', '.join(f'{r:.{digits}f}' for r in ratios)})"
 
 
 def ours_cmd(args, run_dir: Path) -> list[str]:
@@ -236,9 +203,6 @@ def read_curve(run_dir: Path) -> list[tuple[float, float]]:
 
 def record(args, work: Path) -> int:
     """The speedrun record: our preset's time to its target against nanoGPT's time for --iters."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import alternated, ratio
-
     args.nanogpt_args = ["--log_interval=1", f"--eval_interval={args.iters}", "--eval_iters=200", *args.nanogpt_args]
     done: dict[str, list[dict]] = {"nanoGPT": [], "ours": [], "ours, budget": []}  # per round, in order
 
@@ -255,7 +219,7 @@ def record(args, work: Path) -> int:
         extra = ["target_val_loss=null", f"max_iters={budget}"] if budget else []
         cmd = [sys.executable, str(REPO / "scripts" / "train.py"), f"+experiment={args.preset}", "device=cpu",
                f"hydra.run.dir={run}", *args.ours, *extra]
-        timed_steps(cmd, REPO, OURS_LINE, run.with_suffix(".log"), args.threads)
+        timed_steps(cmd, REPO, PROGRESS_LINE, run.with_suffix(".log"), args.threads)
         summary = json.loads((run / "summary.json").read_text())
         done[key].append({**summary, "curve": read_curve(run)})
         if not budget and not summary.get("reached_target"):
@@ -328,7 +292,7 @@ def main(argv=None) -> int:
     wall, cpu = [], []
     for r in range(args.rounds):
         runs = {
-            "ours": lambda: timed_steps(ours_cmd(args, work / f"ours_r{r}"), REPO, OURS_LINE,
+            "ours": lambda: timed_steps(ours_cmd(args, work / f"ours_r{r}"), REPO, PROGRESS_LINE,
                                         work / f"ours_r{r}.log", args.threads),
             "nanoGPT": lambda: timed_steps(nanogpt_cmd(args, work / f"nanogpt_r{r}"), work, NANOGPT_LINE,
                                            work / f"nanogpt_r{r}.log", args.threads),
