@@ -18,7 +18,6 @@ from omegaconf import OmegaConf
 
 from models import GPT
 from trainer import data as data_lib
-from trainer import pretrained as pretrained_lib
 from trainer.config import build, build_attention, check_settings, compile_mode, merge_overrides, resume_config
 from trainer.errors import OutputError, UserError
 from trainer.monitor import Monitor, TrainClock
@@ -64,7 +63,11 @@ class Run:
             cfg, changes = resume_config(state["config"], cfg, self.overrides)
             self.overrides = merge_overrides(state.get("overrides", []), self.overrides)
         self.cfg = cfg
-        pretrained = pretrained_lib.configure(cfg, self.overrides, state)  # init_from: model.* from its config.json
+        pretrained = None  # init_from: model.* from its config.json; on resume, checked against the run's
+        if str(cfg.get("init_from") or "scratch") != "scratch" or state is not None:
+            from trainer import pretrained as pretrained_lib  # with models/hf.py: only when it is used
+
+            pretrained = pretrained_lib.configure(cfg, self.overrides, state)
         # the components, each from its config group
         self.precision = build(cfg.precision)
         self.accum, self.tokens_per_step = check_settings(cfg, self.dist.world_size)  # accum: per rank
