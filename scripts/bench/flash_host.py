@@ -66,7 +66,7 @@ def noop_launches():
          flash_launch.TUNED) = saved
 
 
-class _Clone(torch.autograd.Function):
+class CloneFn(torch.autograd.Function):
     """The floor: an autograd.Function that only clones q (its backward passes the gradient on)."""
 
     @staticmethod
@@ -95,7 +95,7 @@ def host_python_us(shape=(1, 2, 128, 64), calls: int = 200, rounds: int = 5) -> 
         t.requires_grad_()
     with noop_launches():
         steps = {"flash": fwd_bwd(flash_attention, q, k, v, do),
-                 "floor": fwd_bwd(lambda q, k, v: _Clone.apply(q, k, v), q, k, v, do)}
+                 "floor": fwd_bwd(lambda q, k, v: CloneFn.apply(q, k, v), q, k, v, do)}
         for step in steps.values():
             step()  # makes flash's plan; warms both
             step()  # flash's launches learn their binaries' argument layout
