@@ -18,7 +18,7 @@ import torch
 from trainer import data as data_lib
 from trainer.errors import TrainingError
 from trainer.monitor import all_finite, reset_peak_memory, run_hparams, speed_for_run
-from trainer.rundir import LAST, os_reason
+from trainer.rundir import LAST
 from trainer.run import Run
 from trainer.runtime import StopSignals
 
@@ -41,8 +41,9 @@ class Trainer(Run):
         max_iters, eval_interval, log_interval = int(cfg.max_iters), int(cfg.eval_interval), int(cfg.log_interval)
         n_params = self.raw_model.num_params()
         monitor.hparams(run_hparams(cfg, n_params))
-        monitor.message(f"model: {n_params / 1e6:.2f}M parameters, vocab {self.model_config.vocab_size}; {self.tokens_per_step:,} "
-                        f"tokens per step on {self.dist.world_size} process(es), device {self.device}")
+        monitor.message(f"model: {n_params / 1e6:.2f}M parameters, vocab {self.model_config.vocab_size}; "
+                        f"{self.tokens_per_step:,} tokens per step on {self.dist.world_size} process(es), "
+                        f"device {self.device}")
         speed = speed_for_run(self.raw_model, self.device, self.precision.name, seq_len=int(cfg.block_size),
                               micro_batch=int(cfg.batch_size), tokens_per_step=self.tokens_per_step,
                               world_size=self.dist.world_size, peak_tflops=cfg.get("peak_tflops"),
@@ -120,7 +121,8 @@ class Trainer(Run):
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
 
     def _micro_batches(self, it: int):
-        """This rank's micro-batches of iteration ``it``: slices of one global draw (the same data for any split)."""
+        """This rank's micro-batches of iteration ``it``: slices of one global draw, so the data a
+        step sees does not depend on how it is split over ranks and accumulation steps."""
         bs, block = int(self.cfg.batch_size), int(self.cfg.block_size)
         gen = torch.Generator().manual_seed(step_seed(self.cfg.seed, it, 0))
         offsets = data_lib.sample_offsets(self.data.train, block, self.accum * self.dist.world_size * bs, gen)
@@ -136,7 +138,9 @@ class Trainer(Run):
     def _log_step(self, it: int, metrics: dict, speed) -> None:
         """Log a step: the one place the loop reads the step's device values (and so waits for them)."""
         self.check_diverged()
-        extra = {"loss_scale": self.scaler.get_scale(), "skipped_steps": self.skipped_steps} if self.scaler.is_enabled() else {}
+        extra = {}
+        if self.scaler.is_enabled():
+            extra = {"loss_scale": self.scaler.get_scale(), "skipped_steps": self.skipped_steps}
         self.monitor.log_step(it, float(metrics["loss"]), metrics["lr"], float(metrics["grad_norm"]),
                               speed.lap(self.iteration), extra)
         if speed.note:  # the peak was re-measured or found wrong: said once
@@ -237,14 +241,3 @@ class Trainer(Run):
         summary = self.monitor.close(status, step=self.iteration, best_val_loss=best, **speed.summary(), **extra)
         self.release()
         return summary
-
-    def fail(self, error: BaseException, status: str = "failed") -> None:
-        """Record a run that stopped on an error (the checkpoints already written stay valid)."""
-        try:
-            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-            self.monitor.message(f"{status} at step {self.iteration}: {first_line}", console=False)  # the caller prints it
-            self.monitor.close(status, step=self.iteration, error=str(error))
-        except OSError as e:  # e.g. the disk that stopped the run is still full
-            print(f"warning: could not update {self.run_dir / 'summary.json'}: {os_reason(e)}", file=sys.stderr)
-        finally:
-            self.release()

@@ -4,12 +4,14 @@
 numerics), creates and locks the run directory (rank 0), builds every component from its config
 group's ``_target_`` (precision, data, model with its attention, optimizer with its parameter
 groups, schedule), so nothing here branches on which one was chosen, restores the checkpoint it
-resumes from, if any, and opens the outputs. ``trainer.loop.Trainer`` is a Run that trains.
+resumes from, if any, and opens the outputs; ``fail`` records a run that stopped on an error.
+``trainer.loop.Trainer`` is a Run that trains.
 """
 from __future__ import annotations
 
 import functools
 import math
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -161,6 +163,17 @@ class Run:
         """Write ckpt_last.pt (and ckpt_best.pt) on rank 0; the caller has run ``check_state``."""
         if self.dist.is_main:
             self.good_checkpoint = self.run.save(self.state_dict(), best)
+
+    def fail(self, error: BaseException, status: str = "failed") -> None:
+        """Record a run that stopped on an error (the checkpoints already written stay valid)."""
+        try:
+            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            self.monitor.message(f"{status} at step {self.iteration}: {first_line}", console=False)  # the caller prints it
+            self.monitor.close(status, step=self.iteration, error=str(error))
+        except OSError as e:  # e.g. the disk that stopped the run is still full
+            print(f"warning: could not update {self.run_dir / 'summary.json'}: {os_reason(e)}", file=sys.stderr)
+        finally:
+            self.release()
 
     def release(self) -> None:
         """Let another process use the run directory (also happens when this process exits)."""
