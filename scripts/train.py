@@ -56,13 +56,17 @@ def _prepare_argv() -> bool:
     from trainer.rundir import check_creatable
 
     key = "hydra.sweep.dir=" if MULTIRUN else "hydra.run.dir="
-    given = [a[len(key):] for a in sys.argv if a.startswith(key)]
+    run_dir, own_subdir = "runs", False  # the last hydra.*.dir= wins, as in Hydra
+    for arg in sys.argv:
+        if arg.startswith(key):
+            run_dir = arg[len(key):].split("${")[0]
+        own_subdir = own_subdir or arg.startswith("hydra.output_subdir=")
     try:
-        check_creatable((given[-1].split("${")[0] if given else "runs") or ".")
+        check_creatable(run_dir or ".")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
-    if [a for a in sys.argv if a.startswith("hydra.output_subdir=")]:
+    if own_subdir:
         return False
     sys.argv.append("hydra.output_subdir=null")
     return True
@@ -70,8 +74,9 @@ def _prepare_argv() -> bool:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    import torch.distributed
+
     from trainer.loop import Trainer
-    from trainer.runtime import shutdown_distributed
 
     hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir
@@ -106,7 +111,8 @@ def main(cfg: DictConfig) -> float | None:
             trainer.fail(e, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         raise
     finally:
-        shutdown_distributed()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         if trainer is not None and not trainer.dist.is_main and str(trainer.run_dir) != run_dir:
             try:
                 os.rmdir(run_dir)  # the throw-away directory Hydra made for this rank

@@ -21,26 +21,9 @@ def run_name(override_dirname: str) -> str:
     """
     if not override_dirname:
         return "default"
-    parts = []
-    for item in _split_overrides(override_dirname):
-        key, sep, value = item.partition("=")
-        value = value.replace("'", "").replace('"', "")
-        if sep and re.search(r"[/\\]", value):
-            value = re.split(r"[/\\]+", value.rstrip("/\\"))[-1] or "root"
-        parts.append(f"{key}{sep}{value}")
-    # group choices (attn=flash) first: they are what tells runs apart at a glance
-    parts.sort(key=lambda p: "." in p.partition("=")[0])
-    name = ",".join(parts)
-    if len(name) > 200:
-        name = name[:190] + "-" + hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
-    return name
-
-
-def _split_overrides(joined: str) -> list[str]:
-    """Split Hydra's ``a=1,b='x,y',c=[1,2]`` at the commas that separate overrides (not those
-    inside quotes or brackets)."""
+    # split at the commas between overrides, not those inside quotes or brackets (b='x,y',c=[1,2])
     items, current, quote, depth = [], "", None, 0
-    for ch in joined:
+    for ch in override_dirname:
         if quote:
             quote = None if ch == quote else quote
         elif ch in "'\"":
@@ -54,7 +37,18 @@ def _split_overrides(joined: str) -> list[str]:
             current = ""
             continue
         current += ch
-    return items + [current]
+    items.append(current)
+    choices, settings = [], []  # group choices (attn=flash) first: they tell runs apart at a glance
+    for item in items:
+        key, sep, value = item.partition("=")
+        value = value.replace("'", "").replace('"', "")
+        if sep and re.search(r"[/\\]", value):
+            value = re.split(r"[/\\]+", value.rstrip("/\\"))[-1] or "root"
+        (settings if "." in key else choices).append(f"{key}{sep}{value}")
+    name = ",".join(choices + settings)
+    if len(name) > 200:
+        name = name[:190] + "-" + hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
+    return name
 
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -89,23 +89,7 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutputError(f"cannot create run directory {path}: {os_reason(e)}; choose another directory") from e
-        self._lock()
-        try:
-            self.resume_from = resume_path(resume, self.path) if resume not in (False, None, "false", "") else None
-            for name in (LAST, BEST):  # a directory where a checkpoint goes would fail only at the first save
-                if (self.path / name).is_dir():
-                    raise OutputError(f"{self.path / name} is a directory, but a checkpoint is written there; "
-                                      "remove or rename it")
-            found = [name for name in (LAST, BEST) if (self.path / name).exists()]  # what makes it hold a run
-            found += sorted([p.name for p in self.path.glob("events.out.tfevents.*")])
-            continuing = self.resume_from is not None and self.resume_from.resolve().parent == self.path.resolve()
-            if found and not continuing:
-                self._refuse_or_clear(found, overwrite)
-        except BaseException:
-            self.release()
-            raise
-
-    def _lock(self) -> None:
+        # the lock: an flock on .lock holding this process's PID, dropped when the process dies
         try:
             self._fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
@@ -123,6 +107,20 @@ class RunDir:
                               "wait for it to finish or stop it, or use another directory") from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            self.resume_from = resume_path(resume, self.path) if resume not in (False, None, "false", "") else None
+            for name in (LAST, BEST):  # a directory where a checkpoint goes would fail only at the first save
+                if (self.path / name).is_dir():
+                    raise OutputError(f"{self.path / name} is a directory, but a checkpoint is written there; "
+                                      "remove or rename it")
+            found = sorted(p.name for p in self.path.iterdir()  # what makes it hold a run
+                           if p.name in (LAST, BEST) or p.name.startswith("events.out.tfevents."))
+            continuing = self.resume_from is not None and self.resume_from.resolve().parent == self.path.resolve()
+            if found and not continuing:
+                self._refuse_or_clear(found, overwrite)
+        except BaseException:
+            self.release()
+            raise
 
     def _refuse_or_clear(self, found: list[str], overwrite: bool) -> None:
         if not overwrite:
@@ -138,9 +136,16 @@ class RunDir:
                 raise OutputError(f"overwrite=true cannot remove {self.path / name}: {os_reason(e)}") from e
 
     def save(self, state: dict, best: bool = False) -> Path:
-        """Write ``ckpt_last.pt`` (and ``ckpt_best.pt``); returns the path of the last one."""
-        for name in (LAST, BEST) if best else (LAST,):
-            save_checkpoint(state, self.path / name)
+        """Write ``ckpt_last.pt`` (and ``ckpt_best.pt``) through :func:`atomic_write`; returns the path
+        of the last one. A failed write raises OutputError and leaves the previous checkpoint unchanged."""
+        for path in (self.path / LAST, self.path / BEST) if best else (self.path / LAST,):
+            try:
+                atomic_write(path, functools.partial(torch.save, state))
+            except (OSError, RuntimeError) as e:
+                if isinstance(e, RuntimeError) and "write" not in str(e):  # torch's zip writer reports I/O as RuntimeError
+                    raise
+                raise OutputError(f"cannot write checkpoint {path}: {os_reason(e)}; the previous checkpoint is "
+                                  "unchanged") from e
         return self.path / LAST
 
     def release(self) -> None:
@@ -154,17 +159,6 @@ class RunDir:
 
 # ---------------------------------------------------------------------------------------------
 # checkpoint files
-
-
-def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
-    """``torch.save`` through :func:`atomic_write`; a failed write raises OutputError and leaves the
-    previous checkpoint unchanged."""
-    try:
-        atomic_write(path, functools.partial(torch.save, state))
-    except (OSError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and "write" not in str(e):  # torch's zip writer reports I/O as RuntimeError
-            raise
-        raise OutputError(f"cannot write checkpoint {path}: {os_reason(e)}; the previous checkpoint is unchanged") from e
 
 
 def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
