@@ -12,8 +12,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from trainer.data.tokenizer import EOT, Tokenizer
 from trainer.errors import DataError
+
+EOT = "<|endoftext|>"  # the end-of-text token between documents
 
 # GPT-2's pre-tokenization pattern (as in tiktoken's gpt2 encoding): contractions, letters, digits,
 # punctuation runs, whitespace
@@ -216,7 +217,7 @@ def tiktoken_from_bpe(bpe: BPETokenizer, name: str = "bpe-as-tiktoken") -> Tikto
     return TiktokenTokenizer.from_ranks(name, ranks, special)
 
 
-def hf_tokenizer_json(tok: Tokenizer) -> str | None:
+def hf_tokenizer_json(tok) -> str | None:
     """The tokenizer as a Hugging Face ``tokenizer.json`` (for ``transformers``' ``AutoTokenizer``), or
     None for the character tokenizer, which has no byte-level form. A BPE tokenizer already is one;
     a tiktoken encoding (GPT-2's) becomes byte-level BPE: its pattern as the pre-tokenizer, its ranks

@@ -21,8 +21,6 @@ import numpy as np
 if TYPE_CHECKING:
     from trainer.data.bpe import BPETokenizer, TiktokenTokenizer
 
-EOT = "<|endoftext|>"
-
 
 class CharTokenizer:
     """One token per Unicode character seen in the corpus."""
