@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 from models import GPTConfig, hf
-from trainer.data.tokenizer import EOT, hf_tokenizer_json, tokenizer_from_dict
+from trainer.data.bpe import EOT, hf_tokenizer_json
+from trainer.data.tokenizer import tokenizer_from_dict
 from trainer.errors import OutputError, UserError, user_errors
 from trainer.rundir import load_checkpoint, os_reason
 

@@ -25,7 +25,8 @@ from kernels import UnavailableError
 from models import GPT, GPTConfig
 from trainer.config import build_attention as attention_and_window
 from trainer.config import components, load_component
-from trainer.data.tokenizer import BPETokenizer, tokenizer_from_dict
+from trainer.data.bpe import BPETokenizer
+from trainer.data.tokenizer import tokenizer_from_dict
 from trainer.errors import CheckpointError, ConfigError, user_errors
 from trainer.precision import Precision
 from trainer.rundir import load_checkpoint

@@ -11,7 +11,8 @@ from trainer.data import DataError, get_batch, load_text, sample_offsets
 from trainer.data import shakespeare
 from trainer.data.shakespeare import play_markdown_to_dialogue
 from trainer.data.shards import Tokens
-from trainer.data.tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_dict
+from trainer.data.bpe import BPETokenizer
+from trainer.data.tokenizer import CharTokenizer, tokenizer_from_dict
 
 PLAY = """# A Play
 

@@ -15,7 +15,7 @@ from transformers.utils import logging as hf_logging
 from models import GPT, GPTConfig, hf
 from trainer.config import build, components, load_component
 from trainer.data.shards import write_shard
-from trainer.data.tokenizer import BPETokenizer, hf_tokenizer_json, tiktoken_from_bpe
+from trainer.data.bpe import BPETokenizer, hf_tokenizer_json, tiktoken_from_bpe
 from trainer.errors import ConfigError
 from trainer.loop import Trainer
 
@@ -129,9 +129,9 @@ def test_init_from_fine_tunes_and_resumes_from_its_own_checkpoint(tmp_path, gpt2
     with torch.no_grad():
         assert rel_err(t.raw_model(x)[0], reference(x).logits) < 1e-5
         # the first eval is transformers' own loss on the same windows
-        from trainer.data import eval_window_starts, get_batch
+        from trainer.data import eval_windows, get_batch
 
-        starts = eval_window_starts(t.data.val, CONTEXT, 2)
+        starts = eval_windows(t.data, CONTEXT, None, 2, 1)["val"]  # 2 windows, as the run's eval
         xv, yv = get_batch(t.data.val, starts, CONTEXT, torch.device("cpu"))
         ref_loss = torch.nn.functional.cross_entropy(reference(xv).logits.flatten(0, 1), yv.flatten()).item()
     assert t.evaluate()["val"] == pytest.approx(ref_loss, rel=1e-5)

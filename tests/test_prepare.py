@@ -13,7 +13,8 @@ from trainer.data import load_text, open_token_dir
 from trainer.data.prepare import prepare_files, prepare_hf
 from trainer.errors import DataError
 from trainer.data.shards import write_shard
-from trainer.data.tokenizer import BPETokenizer, CharTokenizer, TiktokenTokenizer, tiktoken_from_bpe
+from trainer.data.bpe import BPETokenizer, TiktokenTokenizer, tiktoken_from_bpe
+from trainer.data.tokenizer import CharTokenizer
 
 DOCS = [f"Document {i}: the quick brown fox number {i} jumps.\nSecond line {i * 7}." for i in range(40)]
 

@@ -9,12 +9,13 @@ import pytest
 import torch
 from conftest import TINY_OVERRIDES, TINY_TEXT, compose_cfg
 
-from trainer.data import eval_window_starts, get_batch
+import trainer.data as data_mod
+from trainer.data import eval_windows, get_batch
 from trainer.data.prepare import prepare_files
 from trainer.runtime import DistInfo
 from trainer.loop import Trainer
 from trainer.data.shards import write_shard
-from trainer.data.tokenizer import BPETokenizer
+from trainer.data.bpe import BPETokenizer
 
 RUN = TINY_OVERRIDES + ["device=cpu", "eval_interval=0", "sample_tokens=0"]
 
@@ -120,7 +121,7 @@ def test_eval_is_seed_independent_and_bpb_matches_a_float64_reference(tmp_path, 
 
     # reference: per-token cross-entropy in float64 over the same fixed windows; bytes from decoding
     block, data = int(a.cfg.block_size), a.data
-    starts = eval_window_starts(data.val, block, 3 * int(a.cfg.batch_size))
+    starts = eval_windows(data, block, None, 3, int(a.cfg.batch_size))["val"]
     x, y = get_batch(data.val, starts, block, torch.device("cpu"))
     with torch.no_grad():
         logits, _ = a.raw_model(x, y)
@@ -143,15 +144,20 @@ def test_bpb_is_logged_and_summarized(tmp_path, tiny_corpus):
     assert [e.step for e in ea.Scalars("val/bpb")] == [2, 4]
 
 
-def test_eval_tokens_all_covers_the_whole_val_split(tmp_path, tiny_corpus):
+def test_eval_tokens_all_covers_the_whole_val_split(tmp_path, tiny_corpus, monkeypatch):
     t = make(tmp_path, RUN + ["data=text", f"data.path={tiny_corpus}", f"data.cache_dir={tmp_path / 'c'}",
                               "max_iters=0", "eval_tokens=all"])
     calls = []
-    original = t.data.target_bytes
-    t.data.target_bytes = lambda y: calls.append(y.numel()) or original(y)
+    original = data_mod.get_batch
+
+    def counting(ids, offsets, block, device):
+        calls.append((ids is t.data.val, len(offsets)))
+        return original(ids, offsets, block, device)
+
+    monkeypatch.setattr(data_mod, "get_batch", counting)
     t.evaluate()
     block = int(t.cfg.block_size)
-    val_targets = sum(calls[len(calls) - math.ceil(len(eval_window_starts(t.data.val, block, None)) / 4):])
+    val_targets = block * sum(n for is_val, n in calls if is_val)
     assert val_targets == (len(t.data.val) - 1) // block * block
     with pytest.raises(ValueError, match="eval_tokens="):
         make(tmp_path, RUN + ["data=text", f"data.path={tiny_corpus}", f"data.cache_dir={tmp_path / 'c'}",

@@ -1,12 +1,13 @@
 """Token shards: llm.c's format against an independent reader, bad shards, windows within shards."""
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from trainer.errors import DataError
-from trainer.data import eval_window_starts, get_batch, sample_offsets
+from trainer.data import TokenData, eval_windows, get_batch, sample_offsets
 from trainer.data.prepare import ShardWriter
 from trainer.data.shards import Tokens, read_shard, write_shard
 
@@ -93,14 +94,17 @@ def test_a_too_short_split_says_so():
 
 def test_eval_windows_are_fixed_and_all_covers_each_token_once():
     tokens, block = three_shards(), 3
-    every = eval_window_starts(tokens, block, None)
+    data = TokenData(train=tokens, val=tokens, tokenizer=None, directory=Path("."), vocab_size=2007)
+    every = eval_windows(data, block, "all", eval_iters=5, batch_size=1)["val"]
     x, y = get_batch(tokens, every, block, torch.device("cpu"))
     # non-overlapping windows per shard: targets are each predicted once
     assert len(set(y.flatten().tolist())) == y.numel()
     # shard 0 (10 tokens): 0, 3, 6 (a window at 9 would need 4 tokens); shard 1: 10; shard 2 (7): 14, 17
     assert every.tolist() == [0, 3, 6, 10, 14, 17]
-    some = eval_window_starts(tokens, block, 5)
-    assert len(some) == 5 and np.array_equal(some, eval_window_starts(tokens, block, 5))
+    some = eval_windows(data, block, None, eval_iters=5, batch_size=1)["val"]
+    assert len(some) == 5 and np.array_equal(some, eval_windows(data, block, None, 5, 1)["val"])
+    assert np.array_equal(eval_windows(data, block, "all", 5, 1)["train"], some)  # train: eval_iters * batch_size
+    assert len(eval_windows(data, block, 9, 5, 1)["val"]) == 3  # 9 tokens: 3 windows of 3
     assert some[0] == 0 and some[-1] == 17  # evenly spread from the first to the last valid window
 
 

@@ -152,10 +152,8 @@ class Trainer(Run):
 
     def evaluate(self) -> dict[str, float | None]:
         """Loss and bits per byte of each split on its fixed eval windows (``trainer.data.evaluate``)."""
-        cfg = self.cfg
-        count = data_lib.eval_window_count(cfg.get("eval_tokens"), cfg.eval_iters, int(cfg.batch_size), int(cfg.block_size))
-        return data_lib.evaluate(self.fwd_model, self.data, int(cfg.batch_size), int(cfg.block_size), count,
-                                 int(cfg.eval_iters), self.precision, self.dist, self.device)
+        return data_lib.evaluate(self.fwd_model, self.data, self.eval_windows, int(self.cfg.batch_size),
+                                 int(self.cfg.block_size), self.precision, self.dist, self.device)
 
     @torch.no_grad()
     def sample(self, num_tokens: int | None = None) -> str:

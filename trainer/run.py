@@ -74,7 +74,8 @@ class Run:
         self.precision = build(cfg.precision)
         self.accum, self.tokens_per_step = check_settings(cfg, self.dist.world_size)  # accum: per rank
         self.data = build(cfg.data)  # under torchrun the first rank to take the data's lock prepares it
-        data_lib.check_block_size(self.data, int(cfg.block_size))
+        self.eval_windows = data_lib.eval_windows(self.data, int(cfg.block_size), cfg.get("eval_tokens"),  # checks
+                                                  int(cfg.eval_iters), int(cfg.batch_size))  # block_size fits the data
         if pretrained is not None:
             pretrained.check_vocab(self.data)
         attn_fn, window = build_attention(cfg.attn)  # attn.window goes to the model, which passes it on

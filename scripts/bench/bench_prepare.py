@@ -101,7 +101,8 @@ def make_corpus(path: Path, size_mb: int, blocks: list[str]) -> None:
 def prepare_one(source: str, out: str, tokenizer: str, tok_file: str | None, workers: int) -> None:
     from trainer.data import prepare as prep
     from trainer.data import sources
-    from trainer.data.tokenizer import TiktokenTokenizer, tokenizer_from_dict
+    from trainer.data.bpe import TiktokenTokenizer
+    from trainer.data.tokenizer import tokenizer_from_dict
 
     tok = None
     if tokenizer == "tiktoken-bpe50k":
@@ -172,7 +173,8 @@ def measure(source: Path, out: Path, tokenizer: str, tok_file: str | None, worke
 
 def build_bpe50k(sample_path: Path, out: Path, vocab: int) -> str:
     """A byte-level BPE with GPT-2's vocabulary size, trained on the first 20 MB, as tiktoken."""
-    from trainer.data.tokenizer import BPETokenizer, save_tokenizer, tiktoken_from_bpe
+    from trainer.data.bpe import BPETokenizer, tiktoken_from_bpe
+    from trainer.data.tokenizer import save_tokenizer
 
     with open(sample_path, encoding="utf-8") as f:
         sample = f.read(20_000_000)

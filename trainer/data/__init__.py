@@ -34,7 +34,7 @@ import torch
 import torch.distributed
 
 from trainer.data.shards import Tokens, read_headerless, read_shard
-from trainer.data.tokenizer import BPETokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer
+from trainer.data.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
 from trainer.errors import ConfigError, DataError
 
 TOKENIZERS = ("char", "bpe", "gpt2")
@@ -60,13 +60,6 @@ class TokenData:
     token_bytes: torch.Tensor | None = None  # UTF-8 bytes of text behind each token id (the tokenizer's)
     vocab_from: str = "tokenizer"  # meta | tokenizer | config | dtype (bare shards: only the ids' dtype bounds it)
     max_id: int | None = None  # the largest token id seen (each shard's first million tokens)
-
-    def target_bytes(self, targets: torch.Tensor) -> float | None:
-        """UTF-8 bytes of text behind ``targets``: counted per token id with a tokenizer (0 for special
-        tokens), estimated from ``bytes_per_token`` without one, else None (unknown)."""
-        if self.token_bytes is not None:
-            return float(self.token_bytes[targets.cpu()].sum())
-        return None if self.bytes_per_token is None else targets.numel() * float(self.bytes_per_token)
 
 
 def model_vocab_size(data: TokenData, configured: int | None) -> int:
@@ -108,34 +101,63 @@ def open_token_dir(path: str | os.PathLike, tokenizer_path: str | None = None, t
     meta = finished_meta(d)
     if meta is None and (d / INCOMPLETE).exists():
         raise DataError(f"{d} is an unfinished preparation (interrupted?); run scripts/prepare.py again with --out {d}")
-    nanogpt_meta = None
+    vocab, nanogpt_meta = None, None
     if meta is not None:  # prepared by scripts/prepare.py: its tokenizer is in the directory
-        train, val = _split(d, meta["train_shards"], "meta.json"), _split(d, meta["val_shards"], "meta.json")
-        vocab, own = int(meta["vocab_size"]), d / "tokenizer.json"
+        train, val = _split(d, meta["train_shards"], "train", "meta.json"), _split(d, meta["val_shards"], "val", "meta.json")
+        vocab = int(meta["vocab_size"])
         bytes_per_token = bytes_per_token or meta.get("bytes_per_token")
     elif (d / "train.bin").exists() and (d / "val.bin").exists():  # nanoGPT
-        train, val = Tokens([read_headerless(d / "train.bin")]), Tokens([read_headerless(d / "val.bin")])
-        own = d / "meta.pkl"
-        nanogpt_meta = _read_meta_pkl(own) if own.exists() else None
-        vocab = None if nanogpt_meta is None else nanogpt_meta["vocab_size"]
-        bytes_per_token = bytes_per_token or (nanogpt_meta or {}).get("bytes_per_token")
+        train, val = Tokens([read_headerless(d / "train.bin")], "train"), Tokens([read_headerless(d / "val.bin")], "val")
+        if (d / "meta.pkl").exists():
+            nanogpt_meta = _read_meta_pkl(d / "meta.pkl")
+            vocab = nanogpt_meta["vocab_size"]
+            bytes_per_token = bytes_per_token or nanogpt_meta.get("bytes_per_token")
     elif _shard_names(d, "train") and _shard_names(d, "val"):  # llm.c / modded-nanogpt FineWeb shards
-        train, val = _split(d, _shard_names(d, "train")), _split(d, _shard_names(d, "val"))
-        vocab, own = None, None
+        train, val = _split(d, _shard_names(d, "train"), "train"), _split(d, _shard_names(d, "val"), "val")
     else:
         raise DataError(
             f"{d} holds no token data (expected meta.json with train_*.bin/val_*.bin, nanoGPT's train.bin + val.bin, "
             "or FineWeb's *_train_*.bin + *_val_*.bin); prepare it with: python scripts/prepare.py SOURCE --out DIR"
         )
+
+    # ids against the vocabulary the data records, before any tokenizer is loaded (so a broken shard is
+    # never a tokenizer message); each shard's first million tokens: reading whole shards would cost a
+    # pass over the corpus at every start
     vocab_from = "meta" if vocab is not None else "config" if vocab_size else "dtype"
     known = int(vocab or vocab_size or np.iinfo(train.dtype).max + 1)  # what the data says, without a tokenizer
-    max_id = _check_ids(d, train, val, known, vocab_from)
-    tok = _tokenizer(d, own, tokenizer_path, tokenizer, nanogpt_meta)
+    if known > np.iinfo(train.dtype).max + 1:
+        raise DataError(f"{d}: a {known}-token vocabulary does not fit its {train.dtype} shards")
+    max_id = -1
+    for ids in (train, val):
+        for i, shard in enumerate(ids.shards):
+            peak = int(np.max(shard[: 1 << 20]))
+            if peak >= known:
+                said = {"meta": "its metadata declares", "config": "data.vocab_size says"}[vocab_from]
+                raise DataError(f"{d}: {ids.split} shard {i} holds token id {peak} but {said} {known} tokens; the shard "
+                                "is corrupt or the vocabulary is wrong")
+            max_id = max(max_id, peak)
+
+    # the tokenizer the user named, else the directory's own (tokenizer.json, nanoGPT's meta.pkl), else None
+    if tokenizer_path or tokenizer is not None:
+        tok = _named_tokenizer(tokenizer_path, tokenizer)
+    elif meta is not None:
+        tok = tokenizer_from_dict(json.loads((d / "tokenizer.json").read_text(encoding="utf-8")))
+    elif nanogpt_meta is not None and "itos" in nanogpt_meta:
+        tok = _nanogpt_tokenizer(nanogpt_meta, d / "meta.pkl")
+    else:
+        tok = None
     if vocab is None and tok is not None:
         vocab, vocab_from = tok.vocab_size, "tokenizer"
+    vocab = int(vocab or known)
+    if tok is not None and tok.vocab_size < vocab:
+        raise DataError(f"the tokenizer ({tok.name}) has {tok.vocab_size} tokens but {d} was prepared with a "
+                        f"{vocab}-token vocabulary; use the tokenizer the data was prepared with")
+    if max_id >= vocab:
+        whose = f"the tokenizer ({tok.name})" if tok is not None else "the vocabulary"
+        raise DataError(f"{d}: a shard holds token id {max_id} but {whose} has {vocab} tokens; pass the tokenizer the "
+                        "data was prepared with (data.tokenizer_path=...) or a larger model.vocab_size")
     token_bytes = None if tok is None else torch.from_numpy(tok.token_bytes())
-    data = TokenData(train, val, tok, d, int(vocab or known), bytes_per_token, token_bytes, vocab_from, max_id)
-    return _checked(data)
+    return TokenData(train, val, tok, d, vocab, bytes_per_token, token_bytes, vocab_from, max_id)
 
 
 def _shard_names(d: Path, split: str) -> list[str]:
@@ -143,27 +165,24 @@ def _shard_names(d: Path, split: str) -> list[str]:
     return [n for n in names if n.startswith(f"{split}_") or f"_{split}_" in n]
 
 
-def _split(d: Path, names: list[str], listed_in: str | None = None) -> Tokens:
+def _split(d: Path, names: list[str], split: str, listed_in: str | None = None) -> Tokens:
+    shards = []
     for n in names:
         if not (d / n).exists():
             raise DataError(f"{d} lacks shard {n} listed in its {listed_in}; prepare the data again")
-    return Tokens([read_shard(d / n) for n in names])
+        shards.append(read_shard(d / n))
+    return Tokens(shards, split)
 
 
-def _tokenizer(d: Path, own: Path | None, tokenizer_path: str | None, name: str | None,
-               nanogpt_meta: dict | None = None) -> Tokenizer | None:
-    """The tokenizer the user named, else the directory's own (tokenizer.json, nanoGPT's meta.pkl), else None."""
+def _named_tokenizer(tokenizer_path: str | None, name: str | None) -> Tokenizer:
+    """``data.tokenizer_path`` (a Hugging Face tokenizer.json) or ``data.tokenizer=gpt2`` for token shards."""
+    from trainer.data.bpe import BPETokenizer, TiktokenTokenizer
+
     if tokenizer_path:
         return BPETokenizer.from_file(os.path.expanduser(str(tokenizer_path)))
-    if name not in (None, "gpt2"):
+    if name != "gpt2":
         raise ConfigError(f"data.tokenizer={name!r} cannot be used for token shards; use gpt2 or data.tokenizer_path")
-    if name == "gpt2":
-        return TiktokenTokenizer.named("gpt2")
-    if own is not None and own.name == "tokenizer.json":
-        return load_tokenizer(own)
-    if nanogpt_meta is not None and "itos" in nanogpt_meta:
-        return _nanogpt_tokenizer(nanogpt_meta, own)
-    return None
+    return TiktokenTokenizer.named("gpt2")
 
 
 def _read_meta_pkl(path: Path) -> dict:
@@ -200,39 +219,6 @@ def _nanogpt_tokenizer(meta: dict, path: Path) -> Tokenizer:
     if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
         raise DataError(f"{path} itos is not one distinct character per id")
     return CharTokenizer(chars)
-
-
-def _check_ids(d: Path, train: Tokens, val: Tokens, vocab: int, vocab_from: str) -> int:
-    """The largest token id, after checking ids against the vocabulary the data records (each
-    shard's first million tokens: reading whole shards would cost a pass over the corpus at every
-    start). Runs before any tokenizer is loaded, so a broken shard is never a tokenizer message."""
-    if vocab > np.iinfo(train.dtype).max + 1:
-        raise DataError(f"{d}: a {vocab}-token vocabulary does not fit its {train.dtype} shards")
-    top = -1
-    for name, split in (("train", train), ("val", val)):
-        for i, shard in enumerate(split.shards):
-            peak = int(np.max(shard[: 1 << 20]))
-            if peak >= vocab:
-                said = {"meta": "its metadata declares", "config": "data.vocab_size says"}[vocab_from]
-                raise DataError(f"{d}: {name} shard {i} holds token id {peak} but {said} {vocab} tokens; the shard is "
-                                "corrupt or the vocabulary is wrong")
-            top = max(top, peak)
-    return top
-
-
-def _checked(data: TokenData) -> TokenData:
-    """The tokenizer must cover the vocabulary and every id seen (:func:`_check_ids` saw the ids)."""
-    if data.tokenizer is not None and data.tokenizer.vocab_size < data.vocab_size:
-        raise DataError(f"the tokenizer ({data.tokenizer.name}) has {data.tokenizer.vocab_size} tokens but {data.directory} "
-                        f"was prepared with a {data.vocab_size}-token vocabulary; use the tokenizer the data was prepared with")
-    if data.max_id is not None and data.max_id >= data.vocab_size:
-        whose = f"the tokenizer ({data.tokenizer.name})" if data.tokenizer is not None else "the vocabulary"
-        raise DataError(
-            f"{data.directory}: a shard holds token id {data.max_id} but {whose} has {data.vocab_size} "
-            "tokens; pass the tokenizer the data was prepared with (data.tokenizer_path=...) or a larger "
-            "model.vocab_size"
-        )
-    return data
 
 
 def finished_meta(out: Path) -> dict | None:
@@ -350,80 +336,78 @@ def load_tokens(path: str, tokenizer_path: str | None = None, tokenizer: str | N
 # batches
 
 
-def check_block_size(data: TokenData, block_size: int) -> None:
-    for split, ids in (("train", data.train), ("val", data.val)):
-        if ids.num_windows(block_size) < 1:
-            longest = max(len(s) for s in ids.shards)
-            raise DataError(
-                f"block_size={block_size} is too large for the {split} split (its longest shard has {longest} tokens); "
-                "use a smaller block_size or more text"
-            )
-
-
 def sample_offsets(ids: Tokens, block_size: int, count: int, generator: torch.Generator) -> torch.Tensor:
     """``count`` random window starts, uniform over the windows of ``block_size + 1`` tokens that fit
     inside one shard (the tokens of two shards are unrelated text); ``generator`` is seeded."""
-    n = ids.num_windows(block_size)
-    if n < 1:
-        raise DataError(f"block_size={block_size} is too large for a split of {len(ids)} tokens; use a smaller block_size")
-    index = torch.randint(n, (count,), generator=generator).numpy()
-    return torch.from_numpy(ids.window_starts(index, block_size).astype(np.int64))
+    index = torch.randint(ids.num_windows(block_size), (count,), generator=generator).numpy()
+    return torch.from_numpy(ids.window_starts(index, block_size))
 
 
 def get_batch(ids: Tokens, offsets, block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets, each (len(offsets), block_size) int64 on ``device``."""
-    window = torch.from_numpy(ids.windows(np.asarray(offsets), block_size))  # (B, block_size + 1)
-    x, y = window[:, :-1], window[:, 1:]
+    """Inputs and next-token targets, each (len(offsets), block_size) int64 on ``device``: the windows
+    of ``block_size + 1`` tokens at global starts ``offsets``, each inside one shard."""
+    starts = np.asarray(offsets, dtype=np.int64)
+    shard = np.searchsorted(ids.starts, starts, side="right") - 1
+    window = np.empty((len(starts), block_size + 1), dtype=np.int64)  # (B, block_size + 1)
+    for i, (s, g) in enumerate(zip(shard, starts)):
+        local = int(g - ids.starts[s])
+        row = ids.shards[s][local : local + block_size + 1]
+        if len(row) != block_size + 1:  # a start that is not a valid window: a bug upstream
+            raise IndexError(f"window at {g} crosses the end of shard {s}")
+        window[i] = row
+    x, y = torch.from_numpy(window[:, :-1]), torch.from_numpy(window[:, 1:])
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.contiguous().to(device), y.contiguous().to(device)
 
 
-def eval_window_count(eval_tokens, eval_iters: int, batch_size: int, block_size: int) -> int | None:
-    """How many eval windows: ``eval_tokens`` null -> eval_iters * batch_size; a number of tokens;
-    'all' -> None (every non-overlapping window of the split)."""
-    if eval_tokens is None:
-        return int(eval_iters) * int(batch_size)
-    if eval_tokens == "all":
-        return None
-    if isinstance(eval_tokens, bool) or not isinstance(eval_tokens, int) or eval_tokens < 1:
+def eval_windows(data: TokenData, block_size: int, eval_tokens, eval_iters: int, batch_size: int) -> dict[str, np.ndarray]:
+    """The fixed evaluation windows (global starts) of each split, found once at the start of a run,
+    which checks that ``block_size`` fits both splits. ``eval_tokens``: null -> eval_iters *
+    batch_size windows, evenly spaced over the split; a number of tokens -> enough windows for
+    them; 'all' -> every non-overlapping window of val, so each token is predicted once (train:
+    eval_iters * batch_size). They depend on the data and block_size only, never on a seed: every
+    eval of every run on this data sees the same text."""
+    if eval_tokens is None or eval_tokens == "all":
+        count = int(eval_iters) * int(batch_size)
+    elif isinstance(eval_tokens, bool) or not isinstance(eval_tokens, int) or eval_tokens < 1:
         raise ConfigError(f"eval_tokens={eval_tokens!r} must be null, a positive number of tokens, or all")
-    return math.ceil(eval_tokens / block_size)
-
-
-def eval_window_starts(ids: Tokens, block_size: int, count: int | None) -> np.ndarray:
-    """The fixed evaluation windows of a split: ``count`` windows evenly spaced over it, or (None)
-    every non-overlapping window, so each token is predicted once. They depend on the data and
-    block_size only, never on a seed: every eval of every run on this data sees the same text."""
-    if count is None:
-        starts = [ids.starts[i] + np.arange(0, len(s) - block_size, block_size) for i, s in enumerate(ids.shards)]
-        return np.concatenate(starts).astype(np.int64)
-    n = ids.num_windows(block_size)
-    index = np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(np.int64))
-    return ids.window_starts(index, block_size).astype(np.int64)
+    else:
+        count = math.ceil(eval_tokens / block_size)
+    out = {}
+    for split, ids in (("train", data.train), ("val", data.val)):
+        n = ids.num_windows(block_size)  # a DataError if the split is too short for block_size
+        if split == "val" and eval_tokens == "all":
+            starts = [ids.starts[i] + np.arange(0, len(s) - block_size, block_size) for i, s in enumerate(ids.shards)]
+            out[split] = np.concatenate(starts).astype(np.int64)
+        else:
+            out[split] = ids.window_starts(np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(np.int64)),
+                                           block_size)
+    return out
 
 
 @torch.no_grad()
-def evaluate(model, data: TokenData, batch_size: int, block_size: int, count: int | None, eval_iters: int,
+def evaluate(model, data: TokenData, windows: dict[str, np.ndarray], batch_size: int, block_size: int,
              precision, dist, device: torch.device) -> dict[str, float | None]:
-    """Mean loss and bits per byte of each split on its fixed eval windows (:func:`eval_window_starts`):
+    """Mean loss and bits per byte of each split on its fixed eval windows (:func:`eval_windows`):
     the same windows at every eval of every run on this data, whatever the seed or the number of
-    ranks (each rank takes every ``world_size``-th window; the sums are all-reduced). With
-    ``count`` None (``eval_tokens=all``) the whole val split, and ``eval_iters * batch_size``
-    windows of train. ``{split}_bpb`` is None when the text bytes behind the tokens are unknown."""
+    ranks (each rank takes every ``world_size``-th window; the sums are all-reduced). The text bytes
+    behind the targets are counted per token id with a tokenizer (0 for special tokens), estimated
+    from ``bytes_per_token`` without one; ``{split}_bpb`` is None when neither is known."""
     model.eval()
     out = {}
     for split, ids in (("train", data.train), ("val", data.val)):
-        n = count if (split == "val" or count is not None) else eval_iters * batch_size
-        mine = eval_window_starts(ids, block_size, n)[dist.rank::dist.world_size]
+        mine = windows[split][dist.rank::dist.world_size]
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
         for i in range(0, len(mine), batch_size):
             x, y = get_batch(ids, mine[i:i + batch_size], block_size, device)
             with precision.autocast(device):
                 _, loss = model(x, y)
-            nbytes = data.target_bytes(y)
-            sums += torch.tensor([loss.item() * y.numel(), y.numel(), math.nan if nbytes is None else nbytes],
-                                 dtype=torch.float64, device=device)
+            if data.token_bytes is not None:
+                nbytes = float(data.token_bytes[y.cpu()].sum())
+            else:
+                nbytes = math.nan if data.bytes_per_token is None else y.numel() * float(data.bytes_per_token)
+            sums += torch.tensor([loss.item() * y.numel(), y.numel(), nbytes], dtype=torch.float64, device=device)
         if dist.enabled:
             torch.distributed.all_reduce(sums)
         nats, tokens, nbytes = sums.tolist()

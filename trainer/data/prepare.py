@@ -28,7 +28,8 @@ from trainer.data.shards import dtype_for_vocab, header_for
 from trainer.data.sources import CHUNK_BYTES, Piece
 from trainer.errors import DataError
 from trainer.rundir import atomic_write
-from trainer.data.tokenizer import BPETokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer, save_tokenizer, tokenizer_from_dict
+from trainer.data.bpe import BPETokenizer, TiktokenTokenizer
+from trainer.data.tokenizer import CharTokenizer, Tokenizer, save_tokenizer, tokenizer_from_dict
 
 FORMAT = "gptlab-shards/1"
 SMALL_SOURCE = 16 << 20  # below this many bytes, worker start-up costs more than it saves

@@ -99,9 +99,11 @@ class Tokens:
 
     A window start is a global position (shard start + offset in the shard); windows are drawn
     only where they fit inside one shard, since the tokens of two shards are unrelated text.
+    ``split`` ("train", "val") names the split in errors.
     """
 
     shards: list[np.ndarray]
+    split: str | None = None
 
     def __post_init__(self):
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # (n_shards + 1,)
@@ -129,29 +131,21 @@ class Tokens:
     def tolist(self) -> list[int]:
         return np.asarray(self).tolist()
 
-    def window_counts(self, block_size: int) -> np.ndarray:
-        """Number of valid window starts in each shard (a window is block_size + 1 tokens)."""
-        return np.maximum(np.diff(self.starts) - block_size, 0)
-
     def num_windows(self, block_size: int) -> int:
-        return int(self.window_counts(block_size).sum())
+        """How many windows of block_size + 1 tokens fit inside one shard: at least one, else the
+        split is too short for ``block_size`` (a DataError, raised at the start of a run)."""
+        n = int(np.maximum(np.diff(self.starts) - block_size, 0).sum())
+        if n < 1:
+            longest = max(len(s) for s in self.shards)
+            raise DataError(
+                f"block_size={block_size} is too large for the {self.split or 'token'} split (its longest shard has "
+                f"{longest} tokens); use a smaller block_size or more text"
+            )
+        return n
 
     def window_starts(self, index: np.ndarray, block_size: int) -> np.ndarray:
-        """Global starts of windows number ``index`` (0 <= index < num_windows), in shard order."""
-        cum = np.cumsum(self.window_counts(block_size))
+        """Global starts (int64) of windows number ``index`` (0 <= index < num_windows), in shard order."""
+        cum = np.cumsum(np.maximum(np.diff(self.starts) - block_size, 0))  # windows up to each shard's end
         shard = np.searchsorted(cum, index, side="right")
         before = np.concatenate([[0], cum])[shard]
-        return self.starts[shard] + (np.asarray(index) - before)
-
-    def windows(self, starts: np.ndarray, block_size: int) -> np.ndarray:
-        """(len(starts), block_size + 1) int64 token windows from global starts."""
-        starts = np.asarray(starts, dtype=np.int64)
-        shard = np.searchsorted(self.starts, starts, side="right") - 1
-        out = np.empty((len(starts), block_size + 1), dtype=np.int64)
-        for i, (s, g) in enumerate(zip(shard, starts)):
-            local = int(g - self.starts[s])
-            row = self.shards[s][local : local + block_size + 1]
-            if len(row) != block_size + 1:  # a start that is not a valid window: a bug upstream
-                raise IndexError(f"window at {g} crosses the end of shard {s}")
-            out[i] = row
-        return out
+        return (self.starts[shard] + (np.asarray(index) - before)).astype(np.int64)
