@@ -11,12 +11,13 @@ There is no first moment. The step is relative to the parameter's own scale:
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
 from torch import Tensor
 
-from trainer.optim.base import NON_NEGATIVE, Range, RuleOptimizer, new_step
+from trainer.optim.base import NON_NEGATIVE, RuleOptimizer, new_step
 
 
 def adafactor_update(p: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float, beta2_decay: float,
@@ -51,8 +52,9 @@ class Adafactor(RuleOptimizer):
     multi-tensor path: ``foreach`` is accepted and runs this same rule.
     """
 
-    RANGES = dict(lr=NON_NEGATIVE, beta2_decay=Range(high=0.0), eps=Range(0.0, optional=True),
-                  d=Range(1.0), weight_decay=NON_NEGATIVE)
+    # (low, high, high is open, None allowed), as base.py reads them
+    RANGES = dict(lr=NON_NEGATIVE, beta2_decay=(-math.inf, 0.0, False, False), eps=(0.0, math.inf, False, True),
+                  d=(1.0, math.inf, False, False), weight_decay=NON_NEGATIVE)
 
     update = staticmethod(adafactor_update)
 

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from trainer.optim.base import NON_NEGATIVE, RuleOptimizer, UNIT_INTERVAL, cpu_pieces, group_by_device_dtype, new_step
+from trainer.optim.base import NON_NEGATIVE, RuleOptimizer, UNIT_INTERVAL, cpu_pieces, new_step
 
 
 def adam_update(p: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float,
@@ -45,49 +45,53 @@ def adam_update(p: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float,
 def adam_foreach(params: list[Tensor], grads: list[Tensor], states: list[dict], *, lr: float,
                  betas: tuple[float, float], eps: float, weight_decay: float, amsgrad: bool,
                  maximize: bool, decoupled_weight_decay: bool) -> None:
-    """adam.adam_update over lists, per (device, dtype) bucket and CPU piece."""
+    """adam_update over lists of one device and dtype, in CPU pieces."""
     beta1, beta2 = betas
-    keys = ["exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad else "exp_avg_sq", "step"]
-    lists = [params, grads] + [[s[k] for s in states] for k in keys]
-    for *tensors, steps in group_by_device_dtype(*lists).values():
-        torch._foreach_add_(steps, 1.0)
-        ts = [s.item() for s in steps]  # CPU tensors: no device sync
-        bc1 = [1.0 - beta1**t for t in ts]
-        bc2_sqrt = [math.sqrt(1.0 - beta2**t) for t in ts]
-        # Fold sqrt(1 - beta2^t) into eps and the step size instead of dividing sqrt(v) by it:
-        #   lr/bc1 * m / (sqrt(v)/bc2_sqrt + eps) == (lr*bc2_sqrt/bc1) * m / (sqrt(v) + eps*bc2_sqrt)
-        # which saves a full pass over the buffers each step.
-        step_sizes = [-lr * b / c for b, c in zip(bc2_sqrt, bc1)]
-        eps_hats = [eps * b for b in bc2_sqrt]
-        uniform = len(set(ts)) == 1  # the usual case: every parameter took the same number of steps
-        for (p, g, m, v, v_max), owners in cpu_pieces(tensors):
-            if uniform:
-                step_size, eps_hat = step_sizes[0], eps_hats[0]
+    exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
+    # Fold sqrt(1 - beta2^t) into eps and the step size instead of dividing sqrt(v) by it:
+    #   lr/bc1 * m / (sqrt(v)/bc2_sqrt + eps) == (lr*bc2_sqrt/bc1) * m / (sqrt(v) + eps*bc2_sqrt)
+    # which saves a full pass over the buffers each step.
+    step_sizes, eps_hats = [], []
+    for state in states:
+        exp_avgs.append(state["exp_avg"])
+        exp_avg_sqs.append(state["exp_avg_sq"])
+        max_exp_avg_sqs.append(state["max_exp_avg_sq" if amsgrad else "exp_avg_sq"])
+        steps.append(state["step"])
+        t = state["step"].item() + 1  # this step's t (a CPU tensor: no device sync); advanced below
+        bc2_sqrt = math.sqrt(1 - beta2**t)
+        step_sizes.append(-lr * bc2_sqrt / (1 - beta1**t))
+        eps_hats.append(eps * bc2_sqrt)
+    torch._foreach_add_(steps, 1.0)
+    # the usual case: every parameter took as many steps, so one step size and eps for all
+    uniform = len(set(step_sizes)) == 1 and len(set(eps_hats)) == 1
+    for (p, g, m, v, v_max), owners in cpu_pieces([params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]):
+        if uniform:
+            step_size, eps_hat = step_sizes[0], eps_hats[0]
+        else:
+            step_size, eps_hat = [step_sizes[i] for i in owners], [eps_hats[i] for i in owners]
+        if maximize:
+            g = torch._foreach_neg(g)  # a copy: we may now update it in place
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                torch._foreach_mul_(p, 1 - lr * weight_decay)
+            elif maximize:
+                torch._foreach_add_(g, p, alpha=weight_decay)
             else:
-                step_size, eps_hat = [step_sizes[i] for i in owners], [eps_hats[i] for i in owners]
-            if maximize:
-                g = torch._foreach_neg(g)  # a copy: we may now update it in place
-            if weight_decay != 0:
-                if decoupled_weight_decay:
-                    torch._foreach_mul_(p, 1 - lr * weight_decay)
-                elif maximize:
-                    torch._foreach_add_(g, p, alpha=weight_decay)
-                else:
-                    g = torch._foreach_add(g, p, alpha=weight_decay)  # never write into .grad
-            torch._foreach_lerp_(m, g, 1 - beta1)
-            torch._foreach_mul_(v, beta2)
-            torch._foreach_addcmul_(v, g, g, 1 - beta2)
-            if amsgrad:
-                torch._foreach_maximum_(v_max, v)
-                v = v_max
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_add_(denom, eps_hat)
-            torch._foreach_addcdiv_(p, m, denom, step_size)
+                g = torch._foreach_add(g, p, alpha=weight_decay)  # never write into .grad
+        torch._foreach_lerp_(m, g, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, 1 - beta2)
+        if amsgrad:
+            torch._foreach_maximum_(v_max, v)
+            v = v_max
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_add_(denom, eps_hat)
+        torch._foreach_addcdiv_(p, m, denom, step_size)
 
 
 def adamw_fused(params: list[Tensor], grads: list[Tensor], states: list[dict], *, lr: float,
                 betas: tuple[float, float], eps: float, weight_decay: float, **_: Any) -> None:
-    """AdamW in one Triton kernel per parameter (check_fused_group has ruled out what it can't do;
+    """AdamW in one Triton kernel per parameter (check_fused has ruled out what it can't do;
     L2 decay only when weight_decay is 0, where it equals decoupled decay)."""
     from trainer.optim import fused_triton
 
@@ -169,6 +173,10 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: bool | None = None,
     ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
-                         capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True)
+        # torch's AdamW forwards these to Adam.__init__, which validates them; ours has nothing to
+        # add to the defaults (add_param_group checks every group), so AdamW states them itself
+        RuleOptimizer.__init__(self, params, dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+            foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=True,
+        ))

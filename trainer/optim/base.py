@@ -8,16 +8,17 @@ An optimizer in this package is its update rule. A subclass declares
 * ``update(p, grad, state, **hyperparameters)``: one parameter's step, written as the paper reads.
 
 and, only where scripts/bench/bench_optim.py shows it pays, a fast path (``update_foreach`` and
-``update_fused``, beside the rule in its file). This class does the rest: parameter groups,
-lazy state, the closure, gradient checks, choosing the path from ``foreach``/``fused``, and a
-state_dict round trip that keeps the receiving optimizer's path and its step counters on the host.
+``update_fused``, beside the rule in its file). This class does the rest: parameter groups and
+their checks, lazy state, the closure, gradient checks, choosing the path from ``foreach``/``fused``
+(as torch.optim's functional ``adam()`` picks ``_single_tensor_adam`` or ``_multi_tensor_adam``),
+and a state_dict round trip that keeps the receiving optimizer's path and its step counters on the host.
 """
 from __future__ import annotations
 
 import importlib.util
 import math
 import os
-from typing import Any, Callable, ClassVar, NamedTuple
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -25,70 +26,32 @@ from torch import Tensor
 # Group keys that choose how a step runs, not what it computes.
 PATH_KEYS = ("foreach", "fused", "capturable", "differentiable")
 
-
-# --- hyperparameter ranges ------------------------------------------------------------------
-
-class Range(NamedTuple):
-    """``low <= value`` (``<`` with ``high_open``) ``<= high``; a pair/tuple is checked element-wise;
-    ``optional``: None is allowed too."""
-
-    low: float = -math.inf
-    high: float = math.inf
-    high_open: bool = False
-    optional: bool = False
-
-    def check(self, name: str, value: Any) -> None:
-        for v in value if isinstance(value, (tuple, list)) else (value,):
-            if v is None and self.optional:
-                continue
-            ok = not isinstance(v, bool) and isinstance(v, (int, float, Tensor))
-            x = as_float(v) if ok else math.nan
-            if not (ok and self.low <= x and (x < self.high if self.high_open else x <= self.high)):  # False for NaN
-                bounds = [f">= {self.low:g}"] if self.low > -math.inf else []
-                if self.high < math.inf:
-                    bounds.append(f"{'<' if self.high_open else '<='} {self.high:g}")
-                raise ValueError(f"Invalid {LABELS.get(name, name)}: {name}={_show(value)} "
-                                 f"(must be {' and '.join(bounds) or 'a number'})")
-
-
-NON_NEGATIVE = Range(0.0)
-UNIT_INTERVAL = Range(0.0, 1.0, high_open=True)  # [0, 1): momentum-like coefficients (betas)
+# Allowed ranges: (low, high, high is open, None allowed); low <= value <= high (< when open),
+# element-wise for a tuple such as betas.
+NON_NEGATIVE = (0.0, math.inf, False, False)
+UNIT_INTERVAL = (0.0, 1.0, True, False)  # [0, 1): momentum-like coefficients (betas)
 
 # torch.optim's wording for the common ones, so messages read the same as torch's
 LABELS = {"lr": "learning rate", "eps": "epsilon value", "betas": "beta parameter",
           "weight_decay": "weight_decay value", "momentum": "momentum value"}
 
+# Storage dtypes the fused Triton kernels handle (their math is fp32; float64 would lose precision).
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-def _show(value: Any) -> str:
-    return repr(tuple(value)) if isinstance(value, (tuple, list)) else repr(value)
+# Elements per piece when a CPU foreach update is run piece by piece (see ``cpu_pieces``).
+CPU_PIECE_NUMEL = 1 << 18
 
-
-def as_float(value: float | Tensor) -> float:
-    """Hyperparameters may arrive as 0-dim tensors (torch allows a tensor lr); the math wants floats."""
-    return value.item() if isinstance(value, Tensor) else float(value)
-
-
-def plain(value: Any) -> Any:
-    """Tuples of floats for lists, so a Hydra ListConfig never reaches a state dict (weights_only
-    loads reject it)."""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
-        return tuple([plain(v) for v in value])
-    return value
-
-
-# --- the base class ---------------------------------------------------------------------------
 
 def new_step() -> Tensor:
     """The per-parameter step counter: a CPU scalar tensor, as torch.optim keeps it (float32, or
     float64 under a float64 default dtype). On the host so that reading it never syncs a GPU."""
-    dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-    return torch.tensor(0.0, dtype=dtype)
+    return torch.tensor(0.0, dtype=torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32)
 
 
 class RuleOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` defined by its update rule (see the module docstring)."""
 
-    RANGES: ClassVar[dict[str, Range]] = {}
+    RANGES: ClassVar[dict[str, tuple]] = {}
     allow_complex: ClassVar[bool] = False
     # set by subclasses that have them; the plain ``update`` is always the reference
     update_foreach: ClassVar[Callable[..., None] | None] = None
@@ -106,17 +69,26 @@ class RuleOptimizer(torch.optim.Optimizer):
     # --- groups and their checks
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group and check its hyperparameters (groups may override the defaults)."""
+        """Add a group (which may override the defaults) and check its hyperparameters against
+        ``RANGES``, in torch.optim's words, and its path flags."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        for key, value in group.items():
-            if key != "params":
-                group[key] = plain(value)
-        self.check_group(group)
-
-    def check_group(self, group: dict[str, Any]) -> None:
-        for key, allowed in self.RANGES.items():
-            allowed.check(key, group[key])
+        for key, value in group.items():  # tuples: a Hydra ListConfig in a state dict fails weights_only loads
+            if key != "params" and (isinstance(value, list) or type(value).__name__ == "ListConfig"):
+                group[key] = tuple(value)
+        for key, (low, high, high_open, optional) in self.RANGES.items():
+            value = group[key]
+            for v in value if isinstance(value, tuple) else (value,):
+                if v is None and optional:
+                    continue
+                number = isinstance(v, (int, float, Tensor)) and not isinstance(v, bool)
+                x = (v.item() if isinstance(v, Tensor) else float(v)) if number else math.nan
+                if not (low <= x and (x < high if high_open else x <= high)):  # False for NaN
+                    bounds = [f">= {low:g}"] if low > -math.inf else []
+                    if high < math.inf:
+                        bounds.append(f"{'<' if high_open else '<='} {high:g}")
+                    raise ValueError(f"Invalid {LABELS.get(key, key)}: {key}={value!r} "
+                                     f"(must be {' and '.join(bounds) or 'a number'})")
         for key in ("foreach", "fused"):
             if group.get(key) not in (None, True, False):
                 raise ValueError(f"Invalid {key} value: {key}={group[key]!r} (must be None, True or False)")
@@ -130,32 +102,47 @@ class RuleOptimizer(torch.optim.Optimizer):
             self.check_fused(group)
 
     def check_fused(self, group: dict[str, Any]) -> None:
-        """What the fused kernel cannot do raises, naming the argument: nothing falls back silently."""
+        """What the fused Triton step cannot do raises, naming the argument: nothing falls back silently."""
+        name = type(self).__name__
         if self.update_fused is None:
-            raise ValueError(f"{type(self).__name__}(fused=True) is not implemented in gptlab's "
-                             "optimizers; use foreach=True")
-        check_fused_group(type(self).__name__, group, self.fused_unsupported)
+            raise ValueError(f"{name}(fused=True) is not implemented in gptlab's optimizers; use foreach=True")
+        if group["foreach"]:
+            raise ValueError(f"{name}: fused=True and foreach=True cannot be used together; pick one")
+        for key in self.fused_unsupported:
+            if group.get(key):
+                raise ValueError(f"{name}(fused=True) does not support {key}=True; use foreach=True")
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # read now, not at import
+        for p in group["params"]:
+            if torch.is_complex(p):
+                raise ValueError(f"{name}(fused=True) does not support complex parameters; use foreach=True")
+            if p.dtype not in FUSED_DTYPES:
+                raise ValueError(f"{name}(fused=True) supports float32, float16 and bfloat16 parameters, "
+                                 f"got {p.dtype}; use foreach=True")
+            if p.device.type != "cuda" and not (interpreted and p.device.type == "cpu"):
+                raise ValueError(
+                    f"{name}(fused=True) needs a CUDA device (Triton kernel), got a parameter on {p.device}; "
+                    "use foreach=True (or TRITON_INTERPRET=1 to run the kernel interpreted on CPU)"
+                )
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError(f"{name}(fused=True) needs Triton installed (pip install triton); use foreach=True")
 
     # --- the step
-
-    def hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
-        """The group's values of this optimizer's own keys (not ``params`` or the path flags)."""
-        return {k: (as_float(group[k]) if isinstance(group[k], Tensor) else group[k])
-                for k in self.defaults if k not in PATH_KEYS}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one optimization step; ``closure`` re-evaluates the model and returns the loss.
 
         Each group's parameters that have a gradient are gathered with their gradients and state
-        (made on first use), then stepped together on the path the group's flags choose."""
+        (made on first use) per (device, dtype), since a foreach op takes tensors of one of each,
+        then each bucket is stepped on the path the group's flags choose."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         name = type(self).__name__
         for group in self.param_groups:
-            params, grads, states = [], [], []
+            buckets: dict[tuple, tuple[list, list, list]] = {}
+            plain = True  # plain tensors only (subclasses such as DTensor may lack foreach kernels)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -167,21 +154,33 @@ class RuleOptimizer(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state.update(self.init_state(p, group))
+                params, grads, states = buckets.setdefault((p.device, p.dtype), ([], [], []))
                 params.append(p)
                 grads.append(p.grad)
                 states.append(state)
-            if params:
-                self.update_group(group, params, grads, states)
+                plain = plain and type(p) in (Tensor, torch.nn.Parameter)
+            # the group's values of this optimizer's own keys; a tensor lr is read as a float
+            hp = {k: group[k].item() if isinstance(group[k], Tensor) else group[k]
+                  for k in self.defaults if k not in PATH_KEYS}
+            for params, grads, states in buckets.values():
+                self.update_group(group, hp, params, grads, states, plain)
         return loss
 
-    def update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                     states: list[dict]) -> None:
-        """Run the group's step on the path its flags choose."""
-        hp = self.hyperparameters(group)
+    def update_group(self, group: dict[str, Any], hp: dict[str, Any], params: list[Tensor],
+                     grads: list[Tensor], states: list[dict], plain: bool) -> None:
+        """Step one (device, dtype) bucket of a group, whose hyperparameters are ``hp``, on the
+        path its flags choose.
+
+        ``foreach=None`` is resolved here. torch.optim only defaults to foreach on CUDA; we default
+        to it on CPU as well: the foreach ops loop in C++, so they save the per-tensor Python dispatch
+        of the single-tensor path, and with ``cpu_pieces`` they also keep the buffers in cache
+        (scripts/bench/bench_optim.py, 1 thread: our foreach AdamW takes ~0.5x the single-tensor
+        time on nano, ~0.35x on gpt2) -- for ``plain`` tensors only."""
+        foreach = group.get("foreach")
         if group.get("fused"):
             self.check_fused(group)  # again: a loaded state dict brings its own flags
             self.update_fused(params, grads, states, **hp)
-        elif self.update_foreach is not None and use_foreach(group.get("foreach"), params):
+        elif self.update_foreach is not None and (plain if foreach is None else foreach):
             self.update_foreach(params, grads, states, **hp)
         else:
             for p, g, state in zip(params, grads, states):
@@ -216,72 +215,7 @@ class RuleOptimizer(torch.optim.Optimizer):
                 state["step"] = torch.tensor(step.item(), dtype=step.dtype)  # one read, at load time
 
 
-# --- shared helpers ---------------------------------------------------------------------------
-
-def use_foreach(foreach: bool | None, params: list[Tensor]) -> bool:
-    """Resolve ``foreach=None``.
-
-    torch.optim only defaults to foreach on CUDA. We default to it on CPU as well: the foreach ops
-    loop in C++, so they save the per-tensor Python dispatch of the single-tensor path, and with
-    ``cpu_pieces`` they also keep the buffers in cache (scripts/bench/bench_optim.py, 1 thread: our
-    foreach AdamW takes ~0.5x the single-tensor time on nano, ~0.35x on gpt2). Plain tensors only
-    (subclasses such as DTensor may not implement foreach kernels).
-    """
-    if foreach is not None:
-        return foreach
-    return {type(p) for p in params} <= {Tensor, torch.nn.Parameter}
-
-
-def triton_interpreted() -> bool:
-    """Read now (construction and every fused step), not at import."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-# --- fast paths: what every foreach and fused step shares ------------------------------------
-
-# Storage dtypes the fused Triton kernels handle (their math is fp32; float64 would lose precision).
-FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def check_fused_group(optimizer: str, group: dict[str, Any], unsupported: tuple[str, ...]) -> None:
-    """Reject what the fused Triton step cannot do, naming the argument: never fall back silently."""
-    if group["foreach"]:
-        raise ValueError(f"{optimizer}: fused=True and foreach=True cannot be used together; pick one")
-    for key in unsupported:
-        if group.get(key):
-            raise ValueError(f"{optimizer}(fused=True) does not support {key}=True; use foreach=True")
-    for p in group["params"]:
-        if torch.is_complex(p):
-            raise ValueError(f"{optimizer}(fused=True) does not support complex parameters; use foreach=True")
-        if p.dtype not in FUSED_DTYPES:
-            raise ValueError(
-                f"{optimizer}(fused=True) supports float32, float16 and bfloat16 parameters, "
-                f"got {p.dtype}; use foreach=True"
-            )
-        if p.device.type != "cuda" and not (triton_interpreted() and p.device.type == "cpu"):
-            raise ValueError(
-                f"{optimizer}(fused=True) needs a CUDA device (Triton kernel), got a parameter on "
-                f"{p.device}; use foreach=True (or TRITON_INTERPRET=1 to run the kernel interpreted on CPU)"
-            )
-    if importlib.util.find_spec("triton") is None:
-        raise ValueError(f"{optimizer}(fused=True) needs Triton installed (pip install triton); use foreach=True")
-
-
-def group_by_device_dtype(*tensor_lists: list) -> dict[tuple, list[list]]:
-    """Split parallel lists by the first list's (device, dtype): foreach ops need one of each."""
-    grouped: dict[tuple, list[list]] = {}
-    for i, p in enumerate(tensor_lists[0]):
-        key = (p.device, p.dtype)
-        if key not in grouped:
-            grouped[key] = [[] for _ in tensor_lists]
-        for out, src in zip(grouped[key], tensor_lists):
-            out.append(src[i])
-    return grouped
-
-
-# Elements per piece when a CPU foreach update is run piece by piece (see ``cpu_pieces``).
-CPU_PIECE_NUMEL = 1 << 18
-
+# --- what every foreach step shares ----------------------------------------------------------
 
 def cpu_pieces(tensor_lists: list[list[Tensor]], piece_numel: int | None = None):
     """Yield ``(lists of views, owner index per view)`` covering ``tensor_lists`` in small pieces.

@@ -25,25 +25,10 @@ import torch
 KINDS = ("matmul", "head", "embedding", "other")
 
 
-def parameter_kinds(model: torch.nn.Module, head_names: Iterable[str] = ("lm_head",)) -> list[tuple[torch.nn.Parameter, str]]:
-    """Each trainable parameter once, in model order, with its kind."""
-    heads = tuple(head_names)
-    kind_of: dict[int, str] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] not in heads:
-            kind_of.setdefault(id(module.weight), "matmul")
-        elif isinstance(module, torch.nn.Linear):
-            kind_of.setdefault(id(module.weight), "head")
-    for module in model.modules():  # an embedding wins over a Linear sharing its weight (tying)
-        if isinstance(module, torch.nn.Embedding):
-            kind_of[id(module.weight)] = "embedding"
-    return [(p, kind_of.get(id(p), "other")) for p in model.parameters() if p.requires_grad]
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float, decay: Iterable[str] = ("matmul", "head"),
                  lr_scale: dict[str, float] | None = None, muon: Iterable[str] = (),
                  head_names: Iterable[str] = ("lm_head",)) -> list[dict]:
-    """Split a model's parameters into optimizer groups.
+    """Split a model's parameters into optimizer groups by kind.
 
     Args:
         decay: kinds that get ``weight_decay`` (the others get 0). The default decays the weights
@@ -55,20 +40,26 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay: Iterable[st
             inside trainer.optim.Muon). Empty: no ``use_muon`` key (any other optimizer).
         head_names: module names of the output layer.
     """
-    decay, muon, lr_scale = tuple(decay), tuple(muon), dict(lr_scale or {})
+    decay, muon, lr_scale, heads = tuple(decay), tuple(muon), dict(lr_scale or {}), tuple(head_names)
     for key in (*decay, *muon, *lr_scale):
         if key not in KINDS:
             raise ValueError(f"unknown parameter kind {key!r} in param_groups; kinds are {', '.join(KINDS)}")
+    kind_of: dict[int, str] = {}  # id(weight) -> kind; parameters not named here are "other"
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding):  # wins over a Linear sharing its weight (tying)
+            kind_of[id(module.weight)] = "embedding"
+        elif isinstance(module, torch.nn.Linear):
+            kind_of.setdefault(id(module.weight), "head" if name.split(".")[-1] in heads else "matmul")
     groups: dict[tuple, dict] = {}
-    kinds = {}
+    group_of: dict[str, dict] = {}
     for kind in KINDS:  # group order: by kind, merging kinds with equal settings
         settings: dict = {"weight_decay": weight_decay if kind in decay else 0.0}
         if float(lr_scale.get(kind, 1.0)) != 1.0:
             settings["lr_scale"] = float(lr_scale[kind])
         if muon:
             settings["use_muon"] = kind in muon
-        kinds[kind] = key = tuple(sorted(settings.items()))
-        groups.setdefault(key, {"params": [], **settings})
-    for p, kind in parameter_kinds(model, head_names):
-        groups[kinds[kind]]["params"].append(p)
+        group_of[kind] = groups.setdefault(tuple(sorted(settings.items())), {"params": [], **settings})
+    for p in model.parameters():  # each trainable tensor once (a tied one too), in model order
+        if p.requires_grad:
+            group_of[kind_of.get(id(p), "other")]["params"].append(p)
     return [g for g in groups.values() if g["params"]]

@@ -11,7 +11,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from trainer.optim.base import NON_NEGATIVE, RuleOptimizer, UNIT_INTERVAL, cpu_pieces, group_by_device_dtype
+from trainer.optim.base import NON_NEGATIVE, RuleOptimizer, UNIT_INTERVAL, cpu_pieces
 
 
 def lion_update(p: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float,
@@ -30,19 +30,18 @@ def lion_update(p: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float,
 
 def lion_foreach(params: list[Tensor], grads: list[Tensor], states: list[dict], *, lr: float,
                  betas: tuple[float, float], weight_decay: float, maximize: bool) -> None:
-    """lion.lion_update over lists, per (device, dtype) bucket and CPU piece."""
+    """lion.lion_update over lists of one device and dtype, in CPU pieces."""
     beta1, beta2 = betas
     exp_avgs = [s["exp_avg"] for s in states]
-    for tensors in group_by_device_dtype(params, grads, exp_avgs).values():
-        for (p, g, m), _ in cpu_pieces(tensors):
-            if maximize:
-                g = torch._foreach_neg(g)
-            update = torch._foreach_lerp(m, g, 1 - beta1)
-            torch._foreach_sign_(update)
-            if weight_decay != 0:
-                torch._foreach_mul_(p, 1 - lr * weight_decay)
-            torch._foreach_add_(p, update, alpha=-lr)
-            torch._foreach_lerp_(m, g, 1 - beta2)
+    for (p, g, m), _ in cpu_pieces([params, grads, exp_avgs]):
+        if maximize:
+            g = torch._foreach_neg(g)
+        update = torch._foreach_lerp(m, g, 1 - beta1)
+        torch._foreach_sign_(update)
+        if weight_decay != 0:
+            torch._foreach_mul_(p, 1 - lr * weight_decay)
+        torch._foreach_add_(p, update, alpha=-lr)
+        torch._foreach_lerp_(m, g, 1 - beta2)
 
 
 def lion_fused(params: list[Tensor], grads: list[Tensor], states: list[dict], *, lr: float,

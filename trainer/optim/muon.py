@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from trainer.optim.adam import Adam, adam_foreach, adam_update
-from trainer.optim.base import NON_NEGATIVE, Range, RuleOptimizer, UNIT_INTERVAL, use_foreach
+from trainer.optim.base import NON_NEGATIVE, RuleOptimizer, UNIT_INTERVAL
 
 # Keller Jordan's quintic coefficients: a steep slope at 0 pushes small singular values up fast;
 # the result's singular values land in roughly [0.7, 1.2] rather than exactly 1, which trains as well.
@@ -100,7 +100,7 @@ class Muon(RuleOptimizer):
     """
 
     RANGES = dict(lr=NON_NEGATIVE, weight_decay=NON_NEGATIVE, momentum=NON_NEGATIVE, eps=NON_NEGATIVE,
-                  ns_steps=Range(0, 99), adamw_betas=UNIT_INTERVAL, adamw_eps=NON_NEGATIVE)
+                  ns_steps=(0, 99, False, False), adamw_betas=UNIT_INTERVAL, adamw_eps=NON_NEGATIVE)
     MUON_KEYS = ("lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps", "ns_steps",
                  "adjust_lr_fn")
     update = staticmethod(muon_update)
@@ -128,8 +128,9 @@ class Muon(RuleOptimizer):
             use_muon=use_muon, adamw_betas=adamw_betas, adamw_eps=adamw_eps, foreach=foreach,
         ))
 
-    def check_group(self, group: dict[str, Any]) -> None:
-        super().check_group(group)
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
         if group["adjust_lr_fn"] not in (None, "original", "match_rms_adamw"):
             raise ValueError(f"Invalid adjust_lr_fn={group['adjust_lr_fn']!r} "
                              "(must be None, 'original' or 'match_rms_adamw')")
@@ -149,10 +150,10 @@ class Muon(RuleOptimizer):
             return {"momentum_buffer": torch.zeros_like(p)}
         return Adam.init_state(p, {"amsgrad": False})
 
-    def update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                     states: list[dict]) -> None:
-        hp = self.hyperparameters(group)
-        if group["use_muon"] and group.get("foreach"):
+    def update_group(self, group: dict[str, Any], hp: dict[str, Any], params: list[Tensor],
+                     grads: list[Tensor], states: list[dict], plain: bool) -> None:
+        foreach = group.get("foreach")
+        if group["use_muon"] and foreach:
             muon_foreach(params, grads, states, **{k: hp[k] for k in self.MUON_KEYS})
             return
         if group["use_muon"]:
@@ -161,7 +162,7 @@ class Muon(RuleOptimizer):
             return
         adamw = dict(lr=hp["lr"], betas=hp["adamw_betas"], eps=hp["adamw_eps"], weight_decay=hp["weight_decay"],
                      amsgrad=False, maximize=False, decoupled_weight_decay=True)
-        if use_foreach(group.get("foreach"), params):
+        if plain if foreach is None else foreach:
             adam_foreach(params, grads, states, **adamw)
         else:
             for p, g, state in zip(params, grads, states):

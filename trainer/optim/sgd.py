@@ -11,7 +11,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from trainer.optim.base import NON_NEGATIVE, RuleOptimizer, cpu_pieces, group_by_device_dtype
+from trainer.optim.base import NON_NEGATIVE, RuleOptimizer, cpu_pieces
 
 
 def sgd_update(p: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float, momentum: float,
@@ -35,7 +35,7 @@ def sgd_update(p: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float, 
 def sgd_foreach(params: list[Tensor], grads: list[Tensor], states: list[dict], *, lr: float,
                 momentum: float, dampening: float, weight_decay: float, nesterov: bool,
                 maximize: bool) -> None:
-    """sgd.sgd_update over lists, per (device, dtype) bucket and CPU piece."""
+    """sgd.sgd_update over lists of one device and dtype, in CPU pieces."""
     hp = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
               nesterov=nesterov, maximize=maximize)
     if momentum != 0:
@@ -45,11 +45,12 @@ def sgd_foreach(params: list[Tensor], grads: list[Tensor], states: list[dict], *
             sgd_update(params[i], grads[i], states[i], **hp)
         if fresh:
             rest = sorted(set(range(len(params))) - set(fresh))
+            if not rest:
+                return
             params, grads, states = ([xs[i] for i in rest] for xs in (params, grads, states))
     lists = [params, grads] + ([[s["momentum_buffer"] for s in states]] if momentum != 0 else [])
-    for tensors in group_by_device_dtype(*lists).values():
-        for pieces, _ in cpu_pieces(tensors):
-            _sgd_piece(*pieces, **hp)
+    for pieces, _ in cpu_pieces(lists):
+        _sgd_piece(*pieces, **hp)
 
 
 def _sgd_piece(p, g, bufs=None, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
@@ -102,8 +103,9 @@ class SGD(RuleOptimizer):
             maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
         ))
 
-    def check_group(self, group: dict[str, Any]) -> None:
-        super().check_group(group)
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError(
                 f"Invalid nesterov=True with momentum={group['momentum']}, "
