@@ -18,14 +18,15 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-# name -> (module, function): the built-in implementations, imported when first asked for
-_BUILT_IN = {
-    "naive": ("kernels.naive", "naive_attention"),
-    "online": ("kernels.online", "online_attention"),
-    "sdpa": ("kernels.sdpa", "sdpa_attention"),
-    "flash": ("kernels.flash", "flash_attention"),
+# the built-in implementations (and online softmax on its own), each imported when first asked for;
+# ``ATTENTION`` maps each implementation's name (its file, its ``configs/attn/<name>.yaml``) to it
+_LAZY = {
+    "naive_attention": "kernels.naive",
+    "online_attention": "kernels.online",
+    "online_softmax": "kernels.online",
+    "sdpa_attention": "kernels.sdpa",
+    "flash_attention": "kernels.flash",
 }
-_LAZY = {fn: module for module, fn in _BUILT_IN.values()} | {"online_softmax": "kernels.online"}
 
 
 class UnavailableError(RuntimeError):
@@ -40,15 +41,18 @@ class UnsupportedError(ValueError):
 
 def __getattr__(name: str):
     if name == "ATTENTION":  # name -> function, for the kernels' own tests and benchmarks
-        return {key: getattr(importlib.import_module(m), fn) for key, (m, fn) in _BUILT_IN.items()}
+        return {fn.removesuffix("_attention"): getattr(importlib.import_module(m), fn)
+                for fn, m in _LAZY.items() if fn.endswith("_attention")}
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'kernels' has no attribute {name!r}")
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str = "attention") -> None:
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str = "attention",
+              causal: bool = True, window: int | None = None) -> None:
     """Raise ValueError unless q, k, v are same-device, same-dtype (B, H, T, D) floating tensors,
-    k and v of one shape, and q agreeing with them on B, H and D (keys may outnumber queries)."""
+    k and v of one shape, and q agreeing with them on B, H and D (keys may outnumber queries);
+    and unless the ``window``, if one is given, is one :func:`check_window` accepts."""
     for label, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name}: {label} must be a torch.Tensor, got {type(t).__name__}")
@@ -64,6 +68,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str = "at
         raise ValueError(f"{name}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
     if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
         raise ValueError(f"{name}: q {tuple(q.shape)} and k {tuple(k.shape)} must agree on B, H and D")
+    if window is not None:
+        check_window(window, causal, name)
 
 
 def check_window(window: int | None, causal: bool, name: str = "attention") -> None:

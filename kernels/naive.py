@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import causal_mask, check_qkv, check_window, resolve_scale
+from kernels import causal_mask, check_qkv, resolve_scale
 
 
 def naive_attention(
@@ -17,8 +17,7 @@ def naive_attention(
 
     ``window``: sliding-window causal attention by the mask alone (the full T x T scores are still
     computed; the blockwise kernels skip the tiles outside the window instead)."""
-    check_qkv(q, k, v, "naive_attention")
-    check_window(window, causal, "naive_attention")
+    check_qkv(q, k, v, "naive_attention", causal, window)
     scale = resolve_scale(scale, q.shape[-1])
     att = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
     if causal:  # end-aligned: query i sees keys j <= i + (Tk - Tq) (and > i + (Tk - Tq) - window)

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import torch
 
-from kernels import check_qkv, check_window, resolve_scale
+from kernels import check_qkv, resolve_scale
 
 __all__ = ["online_attention", "online_softmax", "DEFAULT_BLOCK_SIZE"]
 
@@ -250,8 +250,7 @@ def online_attention(
     ``window``: sliding-window causal attention, query ``i`` seeing keys
     ``i + (Tk - Tq) - window < j <= i + (Tk - Tq)``; key blocks wholly outside it are never visited.
     """
-    check_qkv(q, k, v, "online_attention")
-    check_window(window, causal, "online_attention")
+    check_qkv(q, k, v, "online_attention", causal, window)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"online_attention: block_size must be a positive int, got {block_size!r}")
     scale = resolve_scale(scale, q.shape[-1])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import causal_mask, check_qkv, check_window
+from kernels import causal_mask, check_qkv
 
 
 def sdpa_attention(
@@ -12,8 +12,7 @@ def sdpa_attention(
     window: int | None = None,
 ) -> torch.Tensor:
     """torch.nn.functional.scaled_dot_product_attention with our interface (a ``window`` is a mask)."""
-    check_qkv(q, k, v, "sdpa_attention")
-    check_window(window, causal, "sdpa_attention")
+    check_qkv(q, k, v, "sdpa_attention", causal, window)
     tq, tk = q.shape[-2], k.shape[-2]
     if causal and (tq != tk or window is not None):  # SDPA's is_causal aligns to the top-left; ours to the end
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(tq, tk, q.device, window), scale=scale)

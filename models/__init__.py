@@ -1,4 +1,4 @@
 """Model definitions. No Hydra here: models are plain ``nn.Module``s built from small configs."""
-from models.gpt import GPT, GPTConfig, KVCache, window_start
+from models.gpt import GPT, GPTConfig
 
-__all__ = ["GPT", "GPTConfig", "KVCache", "window_start"]
+__all__ = ["GPT", "GPTConfig"]
