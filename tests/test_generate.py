@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kernels import ATTENTION
-from models import GPT, GPTConfig, KVCache, window_start
+from models import GPT, GPTConfig
 
 SMALL = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)  # head dim 16: flash can run it
 
@@ -17,7 +17,7 @@ def reference_greedy(model, idx, n, stride=1):
     """Greedy decoding written out: full forward over the window, argmax, repeat. The window is the
     whole sequence until it holds block_size tokens, then moves ``stride`` tokens at a time
     (stride 1: the last block_size tokens), worked out by counting, independently of
-    models.window_start."""
+    GPT.generate's closed form."""
     block = model.config.block_size
     start = 0
     for _ in range(n):
@@ -77,18 +77,19 @@ def test_cached_forward_matches_full_forward_logits():
     model = make()
     idx = torch.randint(0, 50, (3, 10))
     full, _ = model(idx)
-    cache = KVCache(model.config.n_layer, model.config.block_size)
+    cache = []  # each layer's (k, v), (B, H, T_cached, D)
     pieces = []
     for start, end in ((0, 5), (5, 6), (6, 9), (9, 10)):
         logits, _ = model(idx[:, start:end], cache=cache)
         pieces.append(logits)
-        assert cache.length == end
+        assert len(cache) == model.config.n_layer
+        assert all(k.shape == v.shape == (3, 2, end, 16) for k, v in cache)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
 def test_cache_overflowing_the_context_is_refused():
     model = make()
-    cache = KVCache(model.config.n_layer, model.config.block_size)
+    cache = []
     model(torch.zeros(1, 16, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="block_size=16"):
         model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
@@ -117,14 +118,36 @@ def test_bad_temperature_is_refused(temperature):
         make().generate(torch.zeros(1, 1, dtype=torch.long), 3, temperature=temperature)
 
 
-def test_window_start_closed_form():
-    # block 16: the window covers the whole sequence up to 16 tokens, then moves
-    assert [window_start(n, 16, 1) for n in (1, 16, 17, 40)] == [0, 0, 1, 24]
-    assert [window_start(n, 16, 8) for n in (16, 17, 24, 25, 32, 33)] == [0, 8, 8, 16, 16, 24]
-    assert [window_start(n, 16, 16) for n in (16, 17, 32, 33)] == [0, 16, 16, 32]
+def spy_on_forward(model, monkeypatch):
+    """The (tokens, last position's logits) of every forward call, recorded as generate makes them."""
+    calls = []
+    real = model.forward
+
+    def forward(idx, targets=None, cache=None):
+        logits, loss = real(idx, targets, cache)
+        calls.append((idx.shape[1], logits[:, -1]))
+        return logits, loss
+
+    monkeypatch.setattr(model, "forward", forward)
+    return calls
+
+
+def test_window_start_closed_form(monkeypatch):
+    # block 16: the window covers the whole sequence up to 16 tokens, then moves; read off the
+    # windows uncached generation runs through the model, from a 1-token prompt to 99 tokens
+    model = make()
+    calls = spy_on_forward(model, monkeypatch)
+    starts = {}
+    for stride in (1, 3, 8, 16):
+        calls.clear()
+        model.generate(torch.zeros(1, 1, dtype=torch.long), 99, temperature=0, use_cache=False, window_stride=stride)
+        starts[stride] = {n: n - t for n, (t, _) in enumerate(calls, start=1)}  # n tokens so far: window of t
+    assert [starts[1][n] for n in (1, 16, 17, 40)] == [0, 0, 1, 24]
+    assert [starts[8][n] for n in (16, 17, 24, 25, 32, 33)] == [0, 8, 8, 16, 16, 24]
+    assert [starts[16][n] for n in (16, 17, 32, 33)] == [0, 16, 16, 32]
     for n in range(1, 100):  # every window holds between block - stride + 1 and block tokens
         for stride in (1, 3, 8, 16):
-            s = window_start(n, 16, stride)
+            s = starts[stride][n]
             assert n - s <= 16 and (n <= 16 or n - s > 16 - stride) and s % stride == 0
 
 
@@ -146,10 +169,9 @@ def test_window_stride_rebuilds_the_cache_only_when_the_window_moves(monkeypatch
     # 40 new tokens (41 in all): steps 1..15 one token each after a 1-token prefill, then at
     # lengths 17, 25, 33 the window moves and 9 tokens (the window) are refilled, else 1 token
     model = make()
-    seen = []
-    real = model._hidden
-    monkeypatch.setattr(model, "_hidden", lambda idx, cache=None: seen.append(idx.shape[1]) or real(idx, cache))
+    calls = spy_on_forward(model, monkeypatch)
     model.generate(torch.zeros(1, 1, dtype=torch.long), 40, temperature=0, window_stride=8)
+    seen = [t for t, _ in calls]
     assert len(seen) == 40
     assert [i for i, t in enumerate(seen) if t > 1] == [16, 24, 32]  # the steps at lengths 17, 25, 33
     assert all(seen[i] == 9 for i in (16, 24, 32))  # 17 - 8 = 25 - 16 = 33 - 24 = 9 tokens

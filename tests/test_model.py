@@ -120,18 +120,21 @@ def test_dropout_changes_training_outputs_only():
 
 @pytest.mark.parametrize("gelu", ["tanh", "exact"])
 def test_mlp_gelu_matches_its_closed_form_in_float64(gelu):
-    """model.gelu picks GPT-2's tanh approximation or the erf form (nanoGPT's nn.GELU)."""
-    from models.gpt import MLP
+    """model.gelu picks GPT-2's tanh approximation or the erf form (nanoGPT's nn.GELU): the model's
+    logits are those of the float64 reference (tests/reference.py, each form written out in closed
+    form), and not those of the other form."""
+    from reference import gpt_logits_f64
 
     torch.manual_seed(0)
-    mlp = MLP(GPTConfig(n_embd=16, gelu=gelu)).double()
-    x = torch.randn(3, 5, 16, dtype=torch.float64)
-    h = x @ mlp.c_fc.weight.T + mlp.c_fc.bias
-    if gelu == "tanh":
-        act = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
-    else:
-        act = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
-    torch.testing.assert_close(mlp(x), act @ mlp.c_proj.weight.T + mlp.c_proj.bias, rtol=1e-12, atol=1e-12)
+    model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16, gelu=gelu)).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():  # large pre-activations, where the two forms differ most
+            p.add_(torch.randn_like(p))
+    idx = torch.randint(0, 50, (3, 5))
+    logits, _ = model(idx)
+    torch.testing.assert_close(logits, gpt_logits_f64(model, idx), rtol=1e-12, atol=1e-12)
+    model.config.gelu = "exact" if gelu == "tanh" else "tanh"
+    assert (gpt_logits_f64(model, idx) - logits).abs().max() > 1e-6
 
 
 def test_nano_recipe_uses_exact_gelu_and_gpt2_keeps_tanh():

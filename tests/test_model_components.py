@@ -72,11 +72,17 @@ def test_zero_init_projections_make_every_block_the_identity_at_init():
         if name.endswith("c_proj.weight") or name == "lm_head.weight":
             assert torch.count_nonzero(p) == 0, name
     x = torch.randn(2, 16, 32, dtype=torch.float64)
-    for block in model.transformer.h:
-        torch.testing.assert_close(block(x), x, rtol=0, atol=0)
+    for block in model.transformer.h:  # both residual branches add exactly zero
+        y, _ = block.attn(block.ln_1(x))
+        assert torch.count_nonzero(y) == 0 and torch.count_nonzero(block.mlp.c_proj(torch.randn(2, 16, 128, dtype=torch.float64))) == 0
     idx = torch.randint(0, 50, (2, 16))
     logits, loss = model(idx, idx)
     assert torch.count_nonzero(logits) == 0 and loss.item() == pytest.approx(math.log(50), abs=1e-6)  # the loss is in float32
+    # tied, the head is the (nonzero) embedding: the logits are those of the embeddings alone, no block
+    tied = make(perturb=False, zero_init_proj=True)
+    t = tied.transformer
+    emb = t.wte(idx) + t.wpe(torch.arange(16))
+    torch.testing.assert_close(tied(idx)[0], t.ln_f(emb) @ t.wte.weight.T, rtol=0, atol=0)
 
 
 def test_untied_head_is_its_own_parameter_with_its_own_lr():

@@ -8,7 +8,7 @@ import torch
 
 import test_generate
 from kernels import ATTENTION
-from models import GPTConfig, KVCache, window_start
+from models import GPTConfig
 from models.gpt import apply_rope, rope_angles
 
 SMALL = {**test_generate.SMALL, "pos": "rope"}  # head dim 16
@@ -100,7 +100,7 @@ def test_cached_chunks_match_the_full_forward():
     model = make()
     idx = torch.randint(0, 50, (3, 12))
     full, _ = model(idx)
-    cache = KVCache(model.config.n_layer, model.config.block_size)
+    cache = []
     pieces = [model(idx[:, a:b], cache=cache)[0] for a, b in ((0, 5), (5, 6), (6, 11), (11, 12))]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
 
@@ -116,17 +116,22 @@ def test_cached_generation_past_the_context_equals_uncached(attn, stride):
 
 
 @pytest.mark.parametrize("pos", ["rope", "learned"])
-def test_cached_logits_past_the_context_match_the_window_forward(pos):
+def test_cached_logits_past_the_context_match_the_window_forward(pos, monkeypatch):
     """Each cached step past the context gives the logits of a full forward over its window, at
     stride 1 (rebuilt every token) and at stride 8 (rebuilt once per 8 tokens)."""
     model = make(pos=pos)
-    idx = torch.randint(0, 50, (1, 40))
+    calls = test_generate.spy_on_forward(model, monkeypatch)
+    idx = torch.randint(0, 50, (1, 10))
     for stride in (1, 8):
-        cache = None
-        for n in range(10, 41):
-            logits, cache = model._next_logits(idx[:, :n], cache, True, stride)
-            start = window_start(n, 16, stride)
-            full, _ = model(idx[:, start:n])
+        calls.clear()
+        out = model.generate(idx, 31, temperature=0, window_stride=stride)  # steps at 10 to 40 tokens
+        steps = list(calls)
+        assert [t for t, _ in steps[:7]] == [10, 1, 1, 1, 1, 1, 1]  # then the cache serves one token a step
+        start = 0
+        for n, (_, logits) in enumerate(steps, start=10):
+            while n - start > 16:  # the window, worked out by counting
+                start += stride
+            full, _ = model(out[:, start:n])
             torch.testing.assert_close(logits, full[:, -1], rtol=1e-5, atol=1e-5)
 
 

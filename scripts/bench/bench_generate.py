@@ -7,7 +7,7 @@ Models (random weights: speed does not depend on them): the nano model (4 layers
 context 64) and a 6-layer 384-wide model (nanoGPT's shakespeare-char shape) at context 256 and
 1024. Greedy decoding of ``--tokens`` tokens after a one-token prompt, batch 1, fp32. Past the
 context window the default window slides every token, which shifts all positions, so the cache
-is rebuilt from the cropped window each step (see ``GPT._next_logits``): there the cache gains
+is rebuilt from the cropped window each step (see ``GPT.generate``): there the cache gains
 nothing. The last columns move the window half a context at a time (``window_stride``), which
 lets the cache serve the tokens in between; its tokens are checked against uncached decoding
 with the same windows (one untimed run).
