@@ -270,13 +270,15 @@ class GPT(nn.Module):
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-        cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None, last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, V) and the mean cross-entropy if targets given.
 
         ``cache``, a KV cache: a list of each layer's keys and values ``(k, v)``, (B, H, T_cached, D)
         each (``[]`` starts one). The tokens continue the cached ones (positions ``T_cached``
         onwards), and the list is updated in place to hold their keys and values too.
+        ``last_only``: the logits (B, 1, V) of the last position alone, all that generation needs
+        (with GPT-2's 50k-token vocabulary the head costs as much as a few blocks per position).
         """
         cfg = self.config
         B, T = idx.shape
@@ -307,7 +309,7 @@ class GPT(nn.Module):
                 skips.append(x)
         if cache is not None:
             cache[:] = kvs
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        logits = self.lm_head(self.transformer.ln_f(x[:, -1:] if last_only else x))  # (B, T, V)
         if cfg.logit_softcap is not None:
             # soft-capped logits (Gemma 2, modded-nanogpt): cap * tanh(logits / cap) keeps every logit
             # within +-cap, so the model cannot grow over-confident logits early in training
@@ -358,7 +360,7 @@ class GPT(nn.Module):
                 logits, _ = self(idx[:, -1:], cache=cache)  # the one token not yet cached
             else:  # no cache, its first step, or the window moved: the whole window
                 start, cache = new_start, [] if use_cache else None
-                logits, _ = self(idx[:, start:], cache=cache)
+                logits, _ = self(idx[:, start:], cache=cache, last_only=True)
             logits = logits[:, -1].float()  # (B, V)
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)

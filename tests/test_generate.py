@@ -123,8 +123,8 @@ def spy_on_forward(model, monkeypatch):
     calls = []
     real = model.forward
 
-    def forward(idx, targets=None, cache=None):
-        logits, loss = real(idx, targets, cache)
+    def forward(idx, targets=None, cache=None, last_only=False):
+        logits, loss = real(idx, targets, cache, last_only)
         calls.append((idx.shape[1], logits[:, -1]))
         return logits, loss
 
