@@ -12,7 +12,6 @@ import contextlib
 import math
 import signal
 import sys
-import time
 
 import torch
 
@@ -157,7 +156,7 @@ class Trainer(Run):
     def _eval_and_checkpoint(self, final: bool) -> dict[str, float]:
         it = self.iteration
         self.check_state()  # before evaluating; evaluation does not change what is then saved
-        started = time.perf_counter()  # evaluation time begins after check_state, which waits for the queued steps
+        started = self.monitor.clock()  # eval time (not training time): after check_state waited for the steps
         losses = self.evaluate()
         if not math.isfinite(losses["val"] + losses["train"]):  # finite but blown-up weights: not worth keeping
             raise self._diverged(f"eval loss became {losses['val']:g} (val), {losses['train']:g} (train) at step {it}")
