@@ -222,16 +222,16 @@ def test_unknown_group_option_lists_the_available_ones():
 def test_peak_memory_window_resets_between_runs_of_one_process():
     import sys
 
-    from trainer.monitor import peak_memory_bytes, reset_peak_memory
+    from trainer.monitor import peak_memory
 
     if not sys.platform.startswith("linux"):
         pytest.skip("peak RSS can only be reset on Linux")
     cpu = torch.device("cpu")
     big = torch.ones(64 * 2**20)  # 256 MiB, touched
     del big
-    before = peak_memory_bytes(cpu)
-    reset_peak_memory(cpu)
-    assert peak_memory_bytes(cpu) < before - 200 * 2**20
+    before = peak_memory(cpu)
+    after = peak_memory(cpu, reset=True)  # a new window: its peak is the usage now
+    assert after < before - 200 * 2**20 and peak_memory(cpu) >= after
 
 
 def test_build_re_raises_what_it_does_not_recognize():

@@ -17,7 +17,7 @@ import torch
 
 from trainer import data as data_lib
 from trainer.errors import TrainingError
-from trainer.monitor import all_finite, reset_peak_memory, run_hparams, speed_for_run
+from trainer.monitor import peak_memory
 from trainer.rundir import LAST
 from trainer.run import Run
 from trainer.runtime import StopSignals
@@ -37,18 +37,8 @@ class Trainer(Run):
 
     def fit(self) -> dict:
         """Train from ``self.iteration`` to ``max_iters``; returns the summary (also in summary.json)."""
-        cfg, monitor = self.cfg, self.monitor
+        cfg, monitor = self.cfg, self.monitor  # the monitor's clocks run from when the run was built
         max_iters, eval_interval, log_interval = int(cfg.max_iters), int(cfg.eval_interval), int(cfg.log_interval)
-        n_params = self.raw_model.num_params()
-        monitor.hparams(run_hparams(cfg, n_params))
-        monitor.message(f"model: {n_params / 1e6:.2f}M parameters, vocab {self.model_config.vocab_size}; "
-                        f"{self.tokens_per_step:,} tokens per step on {self.dist.world_size} process(es), "
-                        f"device {self.device}")
-        speed = speed_for_run(self.raw_model, self.device, self.precision.name, seq_len=int(cfg.block_size),
-                              micro_batch=int(cfg.batch_size), tokens_per_step=self.tokens_per_step,
-                              world_size=self.dist.world_size, peak_tflops=cfg.get("peak_tflops"),
-                              cache_dir=data_lib.default_cache_dir(), start=self.iteration)
-        monitor.message(speed.describe())
         profiler = None
         if cfg.get("profile") and self.dist.is_main:
             from trainer.profiling import StepProfiler
@@ -56,15 +46,13 @@ class Trainer(Run):
             profiler = StepProfiler(self.run_dir / "profile", self.device)
         if self.last_eval and self.last_eval["step"] == self.iteration:  # resumed: TensorBoard purged this point
             self._log_eval(self.last_eval)
-        reset_peak_memory(self.device)
         losses, first = {}, self.iteration
-        self.clock.start()  # training time: from here, less the evals
         with StopSignals(self.dist) as self.stop:
             try:
                 while self.iteration < max_iters:
                     # stop: Ctrl-C or SIGTERM saves a checkpoint and leaves between two steps
                     if self.stop.requested():
-                        return self._interrupted(speed)
+                        return self._interrupted()
                     # one step: lr, accumulate, clip, update (device values, no wait for the device)
                     it = self.iteration
                     metrics = self.train_step(it)
@@ -72,22 +60,21 @@ class Trainer(Run):
                     if profiler is not None:
                         profiler.step()
                     if it == first:  # warm-up, compilation and autotuning buffers are not the run's peak
-                        reset_peak_memory(self.device)
+                        peak_memory(self.device, reset=True)
                     # log: the one place a step's device values are read
                     if it % log_interval == 0 or self.iteration == max_iters:
-                        self._log_step(it, metrics, speed)
+                        self._log_step(it, metrics)
                     # eval and checkpoint (not counted as training time)
                     if eval_interval > 0 and self.iteration % eval_interval == 0 and self.iteration < max_iters:
                         losses = self._eval_and_checkpoint(final=False)
-                        if self.clock.reached is not None:  # target_val_loss reached: the run ends here
+                        if monitor.reached is not None:  # target_val_loss reached: the run ends here
                             break
-                        speed.restart(self.iteration)
-                if self.clock.reached is None:
+                if monitor.reached is None:
                     losses = self._eval_and_checkpoint(final=True)
             finally:
                 if profiler is not None:
                     profiler.stop()
-        return self._finish("completed", speed, final_val_loss=losses.get("val"))
+        return self._finish("completed", final_val_loss=losses.get("val"))
 
     def train_step(self, it: int) -> dict:
         """One optimizer step, without waiting for the device: the loss and gradient norm are returned
@@ -135,17 +122,13 @@ class Trainer(Run):
         """fp16 steps the scaler skipped (inf/nan gradients). Reading it waits for the device."""
         return int(self._skipped)
 
-    def _log_step(self, it: int, metrics: dict, speed) -> None:
+    def _log_step(self, it: int, metrics: dict) -> None:
         """Log a step: the one place the loop reads the step's device values (and so waits for them)."""
         self.check_diverged()
         extra = {}
         if self.scaler.is_enabled():
             extra = {"loss_scale": self.scaler.get_scale(), "skipped_steps": self.skipped_steps}
-        self.monitor.log_step(it, float(metrics["loss"]), metrics["lr"], float(metrics["grad_norm"]),
-                              speed.lap(self.iteration), extra)
-        if speed.note:  # the peak was re-measured or found wrong: said once
-            self.monitor.message(speed.note)
-            speed.note = None
+        self.monitor.log_step(it, float(metrics["loss"]), metrics["lr"], float(metrics["grad_norm"]), extra)
 
     # ------------------------------------------------------------------------------------------
     # evaluation and sampling
@@ -171,7 +154,7 @@ class Trainer(Run):
     def _eval_and_checkpoint(self, final: bool) -> dict[str, float]:
         it = self.iteration
         self.check_state()  # before evaluating; evaluation does not change what is then saved
-        self.clock.start_eval()  # after check_state, which waits for the queued steps
+        started = self.monitor.clock()  # eval time (not training time): after check_state waited for the steps
         losses = self.evaluate()
         if not math.isfinite(losses["val"] + losses["train"]):  # finite but blown-up weights: not worth keeping
             raise self._diverged(f"eval loss became {losses['val']:g} (val), {losses['train']:g} (train) at step {it}")
@@ -183,34 +166,32 @@ class Trainer(Run):
         bpb = "" if losses["val_bpb"] is None else f", val bpb {losses['val_bpb']:.4f}"
         self.monitor.message(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{bpb}")
         if self.dist.is_main and int(self.cfg.sample_tokens) > 0 and self.data.tokenizer is not None:
-            self.monitor.text("sample", self.sample(), it)
+            self.monitor.record(it, {"sample": self.sample()})
         self._write_checkpoints(best=improved)
-        timing = self.clock.end_eval(it, losses["val"], self.monitor)
-        self.monitor.write_summary(step=it, best_val_loss=self.best_val_loss, val_bpb=losses["val_bpb"],
-                                   final_val_loss=losses["val"] if final or self.clock.reached else None,
-                                   best_val_bpb=self.best_val_bpb if math.isfinite(self.best_val_bpb) else None,
-                                   **timing)
+        self.monitor.end_eval(it, losses["val"], started, final, best_val_loss=self.best_val_loss,
+                              val_bpb=losses["val_bpb"],
+                              best_val_bpb=self.best_val_bpb if math.isfinite(self.best_val_bpb) else None)
         return losses
 
     def _log_eval(self, ev: dict) -> None:
-        self.monitor.scalars(ev["step"], {"val/loss": ev["val"], "val/bpb": ev.get("val_bpb"),
-                                          "eval/train_loss": ev["train"]})
+        self.monitor.record(ev["step"], {"val/loss": ev["val"], "val/bpb": ev.get("val_bpb"),
+                                         "eval/train_loss": ev["train"]})
 
     # ------------------------------------------------------------------------------------------
     # divergence
 
     def check_diverged(self) -> None:
         """Raise if a step so far had a non-finite loss or gradient norm (one read of the device)."""
-        what = self.monitor.first_bad_step()
+        what = self.monitor.diverged()
         if what is not None:
             raise self._diverged(what)
 
     def check_state(self) -> None:
         """Raise if a step diverged or a weight or optimizer moment is not finite, before it could be
         saved or evaluated. On every rank: the losses, norms and weights are the same everywhere."""
-        self.check_diverged()
-        if not all_finite(self.raw_model, self.optimizer):
-            raise self._diverged(f"weights or optimizer state became non-finite by step {self.iteration}")
+        what = self.monitor.diverged(self.raw_model, self.optimizer, self.iteration)
+        if what is not None:
+            raise self._diverged(what)
 
     def _diverged(self, what: str) -> TrainingError:
         kept = (f"the last good checkpoint {self.good_checkpoint} is kept" if self.good_checkpoint is not None
@@ -220,7 +201,7 @@ class Trainer(Run):
     # ------------------------------------------------------------------------------------------
     # the end of a run
 
-    def _interrupted(self, speed) -> dict:
+    def _interrupted(self) -> dict:
         self.save()
         name = signal.Signals(self.stop.signum).name
         self.exit_code = self.stop.exit_code
@@ -232,10 +213,10 @@ class Trainer(Run):
             f"Resume with: python scripts/train.py resume=true hydra.run.dir={self.run_dir}"
             + (" (under torchrun, the same arguments)" if self.dist.enabled else "")
         )
-        return self._finish("interrupted", speed, stopped_by=name)
+        return self._finish("interrupted", stopped_by=name)
 
-    def _finish(self, status: str, speed, **extra) -> dict:
+    def _finish(self, status: str, **extra) -> dict:
         best = self.best_val_loss if math.isfinite(self.best_val_loss) else None
-        summary = self.monitor.close(status, step=self.iteration, best_val_loss=best, **speed.summary(), **extra)
+        summary = self.monitor.close(status, step=self.iteration, best_val_loss=best, **extra)
         self.release()
         return summary

@@ -22,7 +22,7 @@ from models import GPT
 from trainer import data as data_lib
 from trainer.config import build, build_attention, check_settings, compile_mode, merge_overrides, resume_config
 from trainer.errors import OutputError, UserError
-from trainer.monitor import Monitor, TrainClock
+from trainer.monitor import Monitor
 from trainer.rundir import RunDir, load_checkpoint, os_reason, restore
 from trainer.runtime import broadcast_object, configure_math, init_distributed
 from trainer.schedule import constant
@@ -103,7 +103,6 @@ class Run:
         self._skipped = torch.zeros((), dtype=torch.int64, device=self.device)  # fp16 steps the scaler skipped
         self.last_eval: dict | None = None  # the latest eval's losses, saved with the checkpoint
         self.good_checkpoint: Path | None = None  # what a divergence falls back to
-        self.clock = TrainClock(cfg.get("target_val_loss"), self.tokens_per_step)  # evals excluded; time to target
         notes = []
         if state is not None:  # the run continues: weights, optimizer and scaler state, counters
             tokenizer = None if self.data.tokenizer is None else self.data.tokenizer.to_dict()
@@ -117,8 +116,9 @@ class Run:
         try:  # the outputs: config.yaml, then the monitor's TensorBoard writer, summary.json and log
             if self.dist.is_main:
                 OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
-            self.monitor = Monitor(self.run_dir, int(cfg.max_iters), self.overrides, self.device, self.iteration,
-                                   write=self.dist.is_main)
+            self.monitor = Monitor(self.run_dir, cfg, self.raw_model, self.device, tokens_per_step=self.tokens_per_step,
+                                   world_size=self.dist.world_size, overrides=self.overrides, start=self.iteration,
+                                   cache_dir=data_lib.default_cache_dir(), write=self.dist.is_main)
         except OSError as e:
             raise OutputError(f"cannot write the run's records in {self.run_dir}: {os_reason(e)}") from e
         if pretrained is not None:

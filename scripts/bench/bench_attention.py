@@ -56,7 +56,7 @@ import torch
 
 import common
 from kernels import ATTENTION
-from trainer.monitor import peak_memory_bytes, reset_peak_memory
+from trainer.monitor import peak_memory
 
 IMPLS = tuple(ATTENTION)  # one registry: configs/attn/*.yaml names
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -148,13 +148,12 @@ def measure_memory(fn, q, k, v, do, causal: bool, device: str) -> tuple[int, int
 
     dev = torch.device(device)
     sync(device)
-    reset_peak_memory(dev)
-    base = peak_memory_bytes(dev)  # right after a reset the peak mark is the current usage
+    base = peak_memory(dev, reset=True)  # right after a reset the peak mark is the current usage
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn(q, k, v, causal=causal)
     out.backward(do)
     sync(device)
-    peak = peak_memory_bytes(dev)
+    peak = peak_memory(dev)
     q.grad = k.grad = v.grad = None
     return sum(storages.values()), peak - base
 

@@ -89,17 +89,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def peak_flops(device: str) -> float | None:
+def bf16_peak(device: str) -> float | None:
     if not device.startswith("cuda"):
         return None
-    from trainer.monitor import gpu_peak_flops
+    from trainer.monitor import peak_flops
 
-    return gpu_peak_flops(torch.cuda.get_device_name(), "bf16")
+    return peak_flops(torch.device(device), "bf16")[0]
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from trainer.monitor import model_flops_per_token
+    from trainer.monitor import flops_per_token
 
     modes = {"both": (False, True), "eager": (False,), "compiled": (True,)}[args.compile]
     variants, notes, first_s = {}, [], {}
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     tokens = args.steps * args.batch * args.seq_len
     times = common.alternated({n: (lambda s=v[2]: common.seconds(s, args.steps, lambda: sync(args.device)) * args.steps)
                                for n, v in variants.items()}, args.rounds)
-    rows = table(args, variants, times, tokens, first_s, model_flops_per_token, peak_flops(args.device))
+    rows = table(args, variants, times, tokens, first_s, flops_per_token, bf16_peak(args.device))
     from kernels import flash_launch
 
     if any(a == "flash" and c for a, c, *_ in variants.values()):
