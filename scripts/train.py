@@ -27,7 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import register_resolvers
+import trainer.config  # noqa: F401  (registers the ${run_name:} resolver of hydra.run.dir)
 from trainer.errors import OutputError, TrainingError, UserError, user_errors
 
 RANK = int(os.environ.get("RANK", "0"))
@@ -174,7 +174,6 @@ def _unknown_key_hint(argv: list[str]) -> str | None:
     return "hint: " + "; ".join(hints) + " (see configs/train.yaml)" if hints else None
 
 
-register_resolvers()
 
 if __name__ == "__main__":
     WRITE_RECORDS = _prepare_argv()

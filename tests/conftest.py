@@ -62,9 +62,8 @@ def compose_cfg(overrides=()):
     """The training config as scripts/train.py would see it (no `hydra` node)."""
     from hydra import compose, initialize_config_dir
 
-    from trainer.config import register_resolvers
+    import trainer.config  # noqa: F401  (registers the ${run_name:} resolver)
 
-    register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose("train", overrides=list(overrides))
 

@@ -644,9 +644,8 @@ def test_experiment_configs_sweep_existing_options(experiment, group, options):
 
     from hydra import compose, initialize_config_dir
 
-    from trainer.config import register_resolvers
+    import trainer.config  # noqa: F401  (registers the ${run_name:} resolver)
 
-    register_resolvers()
     text = (REPO / "configs" / "experiment" / f"{experiment}.yaml").read_text()
     assert text.startswith("# @package _global_\n")
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):

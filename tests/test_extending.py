@@ -36,9 +36,8 @@ def test_attention_preset_sweeps_every_option_that_runs_on_a_cpu():
 
     from hydra import compose, initialize_config_dir
 
-    from trainer.config import register_resolvers
+    import trainer.config  # noqa: F401  (registers the ${run_name:} resolver)
 
-    register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=["+experiment=attention"], return_hydra_config=True)
     swept = OverridesParser.create().parse_override(f"attn={cfg.hydra.sweeper.params.attn}")

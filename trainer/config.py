@@ -69,9 +69,10 @@ def load_component(group: str, name: str, **overrides):
     return OmegaConf.merge(node, overrides) if overrides else node
 
 
-def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("run_name"):
-        OmegaConf.register_new_resolver("run_name", run_name)
+# ``${run_name:...}`` (configs/train.yaml's hydra.run.dir), registered on import: every entry
+# point that composes the configs imports this module first
+if not OmegaConf.has_resolver("run_name"):
+    OmegaConf.register_new_resolver("run_name", run_name)
 
 
 # ---------------------------------------------------------------------------------------------

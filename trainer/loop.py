@@ -101,7 +101,7 @@ class Trainer(Run):
         # fp16: the scaler skips a step whose gradients hold inf/nan, i.e. whose norm is not finite
         self.monitor.watch(it, loss, grad_norm, norm_counts=not fp16)
         if fp16:
-            self._skipped += ~torch.isfinite(grad_norm)
+            self.skipped += ~torch.isfinite(grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -117,17 +117,12 @@ class Trainer(Run):
             j = self.dist.rank * self.accum + micro
             yield micro, data_lib.get_batch(self.data.train, offsets[j * bs:(j + 1) * bs], block, self.device)
 
-    @property
-    def skipped_steps(self) -> int:
-        """fp16 steps the scaler skipped (inf/nan gradients). Reading it waits for the device."""
-        return int(self._skipped)
-
     def _log_step(self, it: int, metrics: dict) -> None:
         """Log a step: the one place the loop reads the step's device values (and so waits for them)."""
-        self.check_diverged()
+        self.check_state(weights=False)
         extra = {}
         if self.scaler.is_enabled():
-            extra = {"loss_scale": self.scaler.get_scale(), "skipped_steps": self.skipped_steps}
+            extra = {"loss_scale": self.scaler.get_scale(), "skipped_steps": int(self.skipped)}
         self.monitor.log_step(it, float(metrics["loss"]), metrics["lr"], float(metrics["grad_norm"]), extra)
 
     # ------------------------------------------------------------------------------------------
@@ -167,7 +162,7 @@ class Trainer(Run):
         self.monitor.message(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{bpb}")
         if self.dist.is_main and int(self.cfg.sample_tokens) > 0 and self.data.tokenizer is not None:
             self.monitor.record(it, {"sample": self.sample()})
-        self._write_checkpoints(best=improved)
+        self.save(best=improved, checked=True)
         self.monitor.end_eval(it, losses["val"], started, final, best_val_loss=self.best_val_loss,
                               val_bpb=losses["val_bpb"],
                               best_val_bpb=self.best_val_bpb if math.isfinite(self.best_val_bpb) else None)
@@ -180,16 +175,11 @@ class Trainer(Run):
     # ------------------------------------------------------------------------------------------
     # divergence
 
-    def check_diverged(self) -> None:
-        """Raise if a step so far had a non-finite loss or gradient norm (one read of the device)."""
-        what = self.monitor.diverged()
-        if what is not None:
-            raise self._diverged(what)
-
-    def check_state(self) -> None:
-        """Raise if a step diverged or a weight or optimizer moment is not finite, before it could be
+    def check_state(self, weights: bool = True) -> None:
+        """Raise if a step so far had a non-finite loss or gradient norm (one read of the device) or,
+        with ``weights``, if a weight or optimizer moment is not finite: before the state could be
         saved or evaluated. On every rank: the losses, norms and weights are the same everywhere."""
-        what = self.monitor.diverged(self.raw_model, self.optimizer, self.iteration)
+        what = self.monitor.diverged(self.raw_model, self.optimizer, self.iteration) if weights else self.monitor.diverged()
         if what is not None:
             raise self._diverged(what)
 

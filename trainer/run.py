@@ -100,7 +100,8 @@ class Run:
             self.schedule = functools.partial(constant, lr=float(cfg.learning_rate))
         self.scaler = self.precision.make_scaler(self.device)
         self.iteration, self.best_val_loss, self.best_val_bpb = 0, math.inf, math.inf
-        self._skipped = torch.zeros((), dtype=torch.int64, device=self.device)  # fp16 steps the scaler skipped
+        self.skipped = torch.zeros((), dtype=torch.int64, device=self.device)  # fp16 steps the scaler skipped
+        # (inf/nan gradients), counted on the device: reading it waits for the queued steps
         self.last_eval: dict | None = None  # the latest eval's losses, saved with the checkpoint
         self.good_checkpoint: Path | None = None  # what a divergence falls back to
         notes = []
@@ -111,7 +112,7 @@ class Run:
             self.iteration, self.last_eval = int(state["step"]), state.get("eval")
             self.best_val_loss = float(state.get("best_val_loss", math.inf))
             self.best_val_bpb = float(state.get("best_val_bpb", math.inf))
-            self._skipped.fill_(int(state.get("skipped_steps", 0)))
+            self.skipped.fill_(int(state.get("skipped_steps", 0)))
             self.good_checkpoint = Path(resume_from)  # never written by this run until it saves its own
         try:  # the outputs: config.yaml, then the monitor's TensorBoard writer, summary.json and log
             if self.dist.is_main:
@@ -148,7 +149,7 @@ class Run:
             "step": self.iteration,
             "best_val_loss": self.best_val_loss,
             "best_val_bpb": self.best_val_bpb,
-            "skipped_steps": self.skipped_steps,
+            "skipped_steps": int(self.skipped),
             "eval": self.last_eval if self.last_eval and self.last_eval["step"] == self.iteration else None,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "overrides": list(self.overrides),
@@ -156,12 +157,11 @@ class Run:
             "tokenizer": None if self.data.tokenizer is None else self.data.tokenizer.to_dict(),
         }
 
-    def save(self, best: bool = False) -> None:
-        self.check_state()
-        self._write_checkpoints(best)
-
-    def _write_checkpoints(self, best: bool) -> None:
-        """Write ckpt_last.pt (and ckpt_best.pt) on rank 0; the caller has run ``check_state``."""
+    def save(self, best: bool = False, checked: bool = False) -> None:
+        """Write ckpt_last.pt (and ckpt_best.pt) on rank 0, after ``check_state`` (``checked``: the
+        caller has just run it), so a diverged state is never saved."""
+        if not checked:
+            self.check_state()
         if self.dist.is_main:
             self.good_checkpoint = self.run.save(self.state_dict(), best)
 
