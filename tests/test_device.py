@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from trainer import runtime as distributed
-from trainer.runtime import init_distributed, resolve_device
+from trainer.runtime import init_process, resolve_device
 from trainer.errors import ConfigError, UserError
 
 
@@ -40,7 +40,7 @@ def _torchrun(monkeypatch, rank: int, world: int, local: int) -> None:
 @pytest.mark.parametrize("name,expected", [("auto", "cuda:0"), ("cuda", "cuda:0"), ("cuda:1", "cuda:1"),
                                            ("cpu", "cpu")])
 def test_single_process_device_is_set_current(fake_cuda, name, expected):
-    info, device = init_distributed(name)
+    info, device = init_process(name)
     assert device == torch.device(expected) and not info.enabled
     # every CUDA run makes its GPU the current device, so Triton kernels launch there
     assert fake_cuda["set_device"] == ([torch.device(expected)] if device.type == "cuda" else [])
@@ -50,7 +50,7 @@ def test_single_process_device_is_set_current(fake_cuda, name, expected):
 @pytest.mark.parametrize("name", ["auto", "cuda"])
 def test_torchrun_ranks_take_their_local_gpu(fake_cuda, monkeypatch, name):
     _torchrun(monkeypatch, rank=3, world=4, local=1)
-    info, device = init_distributed(name)
+    info, device = init_process(name)
     assert device == torch.device("cuda:1") and info.rank == 3 and info.enabled
     assert fake_cuda["set_device"] == [torch.device("cuda:1")]
     assert fake_cuda["init_process_group"] == ["nccl"]
@@ -59,19 +59,19 @@ def test_torchrun_ranks_take_their_local_gpu(fake_cuda, monkeypatch, name):
 def test_torchrun_refuses_one_gpu_for_every_rank(fake_cuda, monkeypatch):
     _torchrun(monkeypatch, rank=0, world=2, local=0)
     with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES") as info:
-        init_distributed("cuda:1")
+        init_process("cuda:1")
     assert "device=cuda " in str(info.value) and fake_cuda["init_process_group"] == []
 
 
 def test_more_ranks_than_gpus_is_a_clear_error(fake_cuda, monkeypatch):
     _torchrun(monkeypatch, rank=2, world=3, local=2)
     with pytest.raises(ConfigError, match="nproc_per_node"):
-        init_distributed("auto")
+        init_process("auto")
 
 
 def test_torchrun_on_cpu_uses_gloo(fake_cuda, monkeypatch):
     _torchrun(monkeypatch, rank=1, world=2, local=1)
-    _, device = init_distributed("cpu")
+    _, device = init_process("cpu")
     assert device == torch.device("cpu") and fake_cuda["init_process_group"] == ["gloo"]
 
 
@@ -103,24 +103,24 @@ def restore_math(monkeypatch):
     torch.use_deterministic_algorithms(deterministic)
 
 
-def test_configure_math_sets_tf32_both_ways_and_flash_follows(restore_math):
+def test_init_process_math_sets_tf32_both_ways_and_flash_follows(restore_math):
     from kernels.flash import tf32_enabled
-    from trainer.runtime import configure_math
+    from trainer.runtime import init_process
 
-    configure_math(tf32=True, deterministic=False)
+    init_process("cpu", tf32=True, deterministic=False)
     assert torch.backends.cuda.matmul.fp32_precision == "tf32" and tf32_enabled()
     assert torch.backends.cudnn.conv.fp32_precision == "tf32"
-    configure_math(tf32=False, deterministic=False)
+    init_process("cpu", tf32=False, deterministic=False)
     assert torch.backends.cuda.matmul.fp32_precision == "ieee" and not tf32_enabled()
 
 
-def test_configure_math_deterministic(restore_math):
-    from trainer.runtime import configure_math
+def test_init_process_math_deterministic(restore_math):
+    from trainer.runtime import init_process
 
-    configure_math(tf32=False, deterministic=True)
+    init_process("cpu", tf32=False, deterministic=True)
     assert torch.are_deterministic_algorithms_enabled()
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
-    configure_math(tf32=False, deterministic=False)  # chosen explicitly: a later run turns it off
+    init_process("cpu", tf32=False, deterministic=False)  # chosen explicitly: a later run turns it off
     assert not torch.are_deterministic_algorithms_enabled()
 
 

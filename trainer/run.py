@@ -24,7 +24,7 @@ from trainer.config import build, build_attention, check_settings, compile_mode,
 from trainer.errors import OutputError, UserError
 from trainer.monitor import Monitor
 from trainer.rundir import RunDir, load_checkpoint, os_reason, restore
-from trainer.runtime import broadcast_object, configure_math, init_distributed
+from trainer.runtime import broadcast_object, init_process
 from trainer.schedule import constant
 
 
@@ -38,8 +38,7 @@ class Run:
     def __init__(self, cfg, run_dir: str | Path, overrides: list[str] | None = None):
         self.overrides, self.run = list(overrides or []), None
         # the process: device, place in a torchrun world, numerics
-        self.dist, self.device = init_distributed(cfg.device)
-        configure_math(bool(cfg.get("tf32", False)), bool(cfg.get("deterministic", False)))
+        self.dist, self.device = init_process(cfg.device, bool(cfg.get("tf32", False)), bool(cfg.get("deterministic", False)))
         # the run directory, created and locked by rank 0 (rank 0's path everywhere)
         self.run_dir = Path(broadcast_object(str(run_dir), self.dist))
         error = None

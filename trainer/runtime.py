@@ -74,9 +74,19 @@ def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch
     return torch.device("cuda", int(index))
 
 
-def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
-    """Join the process group if launched by torchrun, and make the run's GPU the current CUDA
-    device: Triton kernels (flash, fused optimizers) launch on the current device."""
+def init_process(device_name: str, tf32: bool = False, deterministic: bool = False) -> tuple[DistInfo, torch.device]:
+    """Set up the process a run executes in: join the process group if launched by torchrun, make
+    the run's GPU the current CUDA device (Triton kernels, flash's and the fused optimizers', launch
+    on the current device), and set fp32 matmul precision and determinism, both ways (never left as
+    found).
+
+    ``tf32``: on CUDA, fp32 matmuls and convolutions (cuBLAS, cuDNN, and the flash kernel's fp32
+    path) may round their inputs to TF32 (10-bit mantissa) on tensor cores; off, they are full
+    IEEE fp32. No effect on CPU or on bf16/fp16 matmuls.
+    ``deterministic``: ``torch.use_deterministic_algorithms(True)`` (an op with no deterministic
+    implementation raises, naming itself), cuBLAS's fixed workspace, cuDNN without benchmark
+    mode, and flash kernels launched with pinned configs instead of autotuned ones.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", 0))) if world > 1 else DistInfo()
     device = resolve_device(device_name, info.local_rank, info.world_size)
@@ -84,6 +94,14 @@ def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
         torch.cuda.set_device(device)
     if info.enabled and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    mode = "tf32" if tf32 else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = mode
+    torch.backends.cudnn.conv.fp32_precision = mode
+    if deterministic:
+        # cuBLAS reads this when it creates its handle, i.e. at the first CUDA matmul
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(deterministic)
     return info, device
 
 
@@ -94,26 +112,6 @@ def broadcast_object(obj, info: DistInfo):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def configure_math(tf32: bool, deterministic: bool) -> None:
-    """Set fp32 matmul precision and determinism for this process, both ways (never left as found).
-
-    ``tf32``: on CUDA, fp32 matmuls and convolutions (cuBLAS, cuDNN, and the flash kernel's fp32
-    path) may round their inputs to TF32 (10-bit mantissa) on tensor cores; off, they are full
-    IEEE fp32. No effect on CPU or on bf16/fp16 matmuls.
-    ``deterministic``: ``torch.use_deterministic_algorithms(True)`` (an op with no deterministic
-    implementation raises, naming itself), cuBLAS's fixed workspace, cuDNN without benchmark
-    mode, and flash kernels launched with pinned configs instead of autotuned ones.
-    """
-    mode = "tf32" if tf32 else "ieee"
-    torch.backends.cuda.matmul.fp32_precision = mode
-    torch.backends.cudnn.conv.fp32_precision = mode
-    if deterministic:
-        # cuBLAS reads this when it creates its handle, i.e. at the first CUDA matmul
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-    torch.use_deterministic_algorithms(deterministic)
 
 
 # ---------------------------------------------------------------------------------------------
