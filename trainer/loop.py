@@ -61,9 +61,13 @@ class Trainer(Run):
                         profiler.step()
                     if it == first:  # warm-up, compilation and autotuning buffers are not the run's peak
                         peak_memory(self.device, reset=True)
-                    # log: the one place a step's device values are read
+                    # log: the one place a step's device values are read (so the loop waits for them)
                     if it % log_interval == 0 or self.iteration == max_iters:
-                        self._log_step(it, metrics)
+                        self.check_state(weights=False)
+                        extra = {}
+                        if self.scaler.is_enabled():
+                            extra = {"loss_scale": self.scaler.get_scale(), "skipped_steps": int(self.skipped)}
+                        monitor.log_step(it, float(metrics["loss"]), metrics["lr"], float(metrics["grad_norm"]), extra)
                     # eval and checkpoint (not counted as training time)
                     if eval_interval > 0 and self.iteration % eval_interval == 0 and self.iteration < max_iters:
                         losses = self._eval_and_checkpoint(final=False)
@@ -116,14 +120,6 @@ class Trainer(Run):
         for micro in range(self.accum):
             j = self.dist.rank * self.accum + micro
             yield micro, data_lib.get_batch(self.data.train, offsets[j * bs:(j + 1) * bs], block, self.device)
-
-    def _log_step(self, it: int, metrics: dict) -> None:
-        """Log a step: the one place the loop reads the step's device values (and so waits for them)."""
-        self.check_state(weights=False)
-        extra = {}
-        if self.scaler.is_enabled():
-            extra = {"loss_scale": self.scaler.get_scale(), "skipped_steps": int(self.skipped)}
-        self.monitor.log_step(it, float(metrics["loss"]), metrics["lr"], float(metrics["grad_norm"]), extra)
 
     # ------------------------------------------------------------------------------------------
     # evaluation and sampling
