@@ -131,10 +131,14 @@ class Tokens:
     def tolist(self) -> list[int]:
         return np.asarray(self).tolist()
 
+    def window_counts(self, block_size: int) -> np.ndarray:
+        """Number of windows of block_size + 1 tokens that fit inside each shard."""
+        return np.maximum(np.diff(self.starts) - block_size, 0)
+
     def num_windows(self, block_size: int) -> int:
         """How many windows of block_size + 1 tokens fit inside one shard: at least one, else the
         split is too short for ``block_size`` (a DataError, raised at the start of a run)."""
-        n = int(np.maximum(np.diff(self.starts) - block_size, 0).sum())
+        n = int(self.window_counts(block_size).sum())
         if n < 1:
             longest = max(len(s) for s in self.shards)
             raise DataError(
@@ -145,7 +149,7 @@ class Tokens:
 
     def window_starts(self, index: np.ndarray, block_size: int) -> np.ndarray:
         """Global starts (int64) of windows number ``index`` (0 <= index < num_windows), in shard order."""
-        cum = np.cumsum(np.maximum(np.diff(self.starts) - block_size, 0))  # windows up to each shard's end
+        cum = np.cumsum(self.window_counts(block_size))  # windows up to each shard's end
         shard = np.searchsorted(cum, index, side="right")
         before = np.concatenate([[0], cum])[shard]
         return (self.starts[shard] + (np.asarray(index) - before)).astype(np.int64)
