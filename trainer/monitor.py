@@ -263,9 +263,7 @@ class Monitor:
                      f"peak {peak} ({self.peak_source})")
         peak_memory(device, reset=True)
         # the first speed window and the training clock start here: the run's steps follow
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        self._window = (start, clock())  # (iteration, time) the current speed window began at
+        self._window = (start, self._synced_now())  # (iteration, time) the current speed window began at
         self._first: tuple[int, float] | None = None  # (steps, seconds) of the first window
         self._steps, self._seconds = 0, 0.0  # of the later windows
         self._train_started, self.eval_s = self._window[1], 0.0
@@ -304,6 +302,12 @@ class Monitor:
         return None
 
     # -- speed -------------------------------------------------------------------------------
+    def _synced_now(self) -> float:
+        """The clock, once the device has run what was queued (so a window is charged its kernels)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return self.clock()
+
     def _rates(self, steps: int, seconds: float) -> dict[str, float | None]:
         """ms per step, tokens/s, achieved TFLOP/s per device and MFU of ``steps`` in ``seconds``."""
         step_s = seconds / steps
@@ -342,9 +346,7 @@ class Monitor:
     def log_step(self, it: int, loss: float, lr: float, grad_norm: float, extra: dict) -> None:
         """A logged training step ``it``: the speed of the window that ends with it (the next starts),
         TensorBoard scalars and one progress line; a note on the peak, once, when there is one."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # the window's queued kernels are charged to it
-        (start, t0), now = self._window, self.clock()
+        (start, t0), now = self._window, self._synced_now()
         steps, seconds, self._window = it + 1 - start, now - t0, (it + 1, now)
         if self._first is None:
             self._first = (steps, seconds)
@@ -404,9 +406,7 @@ class Monitor:
                                                  **(self.reached or {})}
         self.write_summary(step=it, final_val_loss=val if final or self.reached else None, **updates,
                            eval_time_s=self.eval_s, **target)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self._window = (it, self.clock())
+        self._window = (it, self._synced_now())
 
     def write_summary(self, **updates) -> None:
         self.summary.update(updates)
