@@ -174,7 +174,6 @@ def _unknown_key_hint(argv: list[str]) -> str | None:
     return "hint: " + "; ".join(hints) + " (see configs/train.yaml)" if hints else None
 
 
-
 if __name__ == "__main__":
     WRITE_RECORDS = _prepare_argv()
     try:
