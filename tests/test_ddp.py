@@ -13,8 +13,14 @@ TRAIN = str(REPO / "scripts" / "train.py")
 
 def torchrun(nproc, args, cwd):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # a rank that dies in C++ (SIGABRT, SIGSEGV) dumps its Python stacks: a failure says where it was
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def output(proc) -> str:
+    """Both streams' ends, for a failed run's assertion message (the ranks' own lines are on stdout)."""
+    return f"--- stdout ---\n{proc.stdout[-2500:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
 
 
 def single(args, cwd):
@@ -36,7 +42,7 @@ def test_two_ranks_train_and_write_one_run(tmp_path, ddp_overrides):
     run_dir = tmp_path / "ddp"
     proc = torchrun(2, ddp_overrides + ["max_iters=8", "eval_interval=4", "gradient_accumulation_steps=2",
                                         "batch_size=8", f"hydra.run.dir={run_dir}"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, output(proc)
     losses = [float(ln.split("loss ")[1].split(",")[0]) for ln in proc.stdout.splitlines() if ln.startswith("step ")
               and "/8:" in ln]
     assert len(losses) == 8 and all(map(torch.isfinite, torch.tensor(losses)))
@@ -53,10 +59,10 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, ddp_override
     a, b = tmp_path / "ddp", tmp_path / "one"
     p = torchrun(2, ddp_overrides + ["max_iters=5", "batch_size=4", "gradient_accumulation_steps=2",
                                      f"hydra.run.dir={a}"], tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, output(p)
     p = single(ddp_overrides + ["max_iters=5", "batch_size=8", "gradient_accumulation_steps=1",
                                 f"hydra.run.dir={b}"], tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, output(p)
     pa, pb = params(a), params(b)
     # Gloo's all-reduce sums the two halves in another order than one process does; Adam divides
     # by sqrt(v), so on near-zero gradients that rounding shows up as ~1e-5 in the weights. Wrong
@@ -68,10 +74,11 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, ddp_override
 def test_resume_under_two_ranks_continues_the_trajectory(tmp_path, ddp_overrides):
     common = ddp_overrides + ["gradient_accumulation_steps=2", "model.dropout=0.1"]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert torchrun(2, common + ["max_iters=6", f"hydra.run.dir={straight}"], tmp_path).returncode == 0
-    assert torchrun(2, common + ["max_iters=3", f"hydra.run.dir={split}"], tmp_path).returncode == 0
+    for p in (torchrun(2, common + ["max_iters=6", f"hydra.run.dir={straight}"], tmp_path),
+              torchrun(2, common + ["max_iters=3", f"hydra.run.dir={split}"], tmp_path)):
+        assert p.returncode == 0, output(p)
     p = torchrun(2, common + ["max_iters=6", "resume=true", f"hydra.run.dir={split}"], tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, output(p)
     ps, pr = params(straight), params(split)
     for name in ps:
         torch.testing.assert_close(pr[name], ps[name], rtol=0, atol=1e-6, msg=name)
